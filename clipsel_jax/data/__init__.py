@@ -1,0 +1,1 @@
+"""Data sources, preprocessing, and (later) noise and corruptions."""

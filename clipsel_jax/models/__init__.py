@@ -1,0 +1,1 @@
+"""Flax NNX models: the CLIP towers (clip.py); adapters and offline encoders follow."""

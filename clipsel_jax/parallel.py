@@ -1,0 +1,45 @@
+"""Device mesh and sharding helpers: data parallelism over a 1-D ('data',) mesh, declared once."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all devices (of every process) with the single axis 'data'."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split across the mesh."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_batch_size(n: int, batch_size: int, n_devices: int) -> int:
+    """The batch shape used for n items: the full batch, or for small inputs the next power of two.
+
+    Either way a multiple of the device count, and only log2(batch_size) distinct shapes ever compile.
+    """
+    full = round_up(batch_size, n_devices)
+    if n >= full:
+        return full
+    return min(full, round_up(1 << max(0, (n - 1).bit_length()), n_devices))
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """x padded with zeros (or copies of nothing) to `rows` leading entries."""
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])

@@ -1,0 +1,50 @@
+"""CLIP tokenization with bounded sequence-length buckets."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clipsel_jax.weights import CheckpointError
+
+
+def load_tokenizer(spec: str):
+    """A CLIP tokenizer from a folder (vocab.json + merges.txt or tokenizer.json) or a hub id (cached)."""
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(spec))
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors for the same user mistake
+        raise CheckpointError(
+            f"could not load a CLIP tokenizer from {spec!r} ({type(e).__name__}: {e}). Give a folder with "
+            "vocab.json and merges.txt (or tokenizer.json), e.g. one written by CLIPTokenizer.save_pretrained, "
+            "or a hub id when this machine has network") from e
+
+
+def length_bucket(n_tokens: int, max_length: int) -> int:
+    """Smallest power of two >= n_tokens (at least 8), capped at the model's context length.
+
+    The encoder compiles once per bucket, so a batch of short prompts does not pay for 77 positions and a stream of
+    batches never triggers more than log2(context) compilations. Padding after the end-of-text token changes
+    nothing: attention is causal and pooling reads the end-of-text position.
+    """
+    bucket = 8
+    while bucket < n_tokens:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (N, bucket) int32; texts longer than max_length tokens are truncated."""
+    if isinstance(texts, str):
+        raise TypeError("encode_texts takes a list of strings, not one string; wrap it: [text]")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"encode_texts takes strings; items {bad[:10]} are not strings "
+                        f"(first: {type(texts[bad[0]]).__name__})")
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    length = length_bucket(ids.shape[1], max_length)
+    pad = length - ids.shape[1]
+    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=tokenizer.pad_token_id)
+    mask = np.pad(mask, ((0, 0), (0, pad)))
+    return ids, mask
