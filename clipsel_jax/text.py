@@ -21,16 +21,13 @@ def load_tokenizer(spec: str):
 
 
 def length_bucket(n_tokens: int, max_length: int) -> int:
-    """Smallest power of two >= n_tokens (at least 8), capped at the model's context length.
+    """n_tokens rounded up to a multiple of 8, capped at the model's context length.
 
-    The encoder compiles once per bucket, so a batch of short prompts does not pay for 77 positions and a stream of
-    batches never triggers more than log2(context) compilations. Padding after the end-of-text token changes
-    nothing: attention is causal and pooling reads the end-of-text position.
+    The encoder compiles once per bucket, so short prompts do not pay for all 77 positions and a stream of batches
+    compiles at most ceil(context / 8) text shapes. Padding after the end-of-text token changes nothing: attention
+    is causal and pooling reads the end-of-text position.
     """
-    bucket = 8
-    while bucket < n_tokens:
-        bucket *= 2
-    return min(bucket, max_length)
+    return min(-(-max(n_tokens, 1) // 8) * 8, max_length)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,10 @@ def make_clip_folder(folder: Path, shapes=TINY, act: str = "quick_gelu", seed: i
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(str(folder), safe_serialization=safe_serialization)
+    model.save_pretrained(str(folder))
+    if not safe_serialization:  # the legacy pickle format (transformers 5 no longer writes it itself)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     size = shapes["vision"]["image_size"]
     extra = {} if image_mean is None else {"image_mean": image_mean}
     proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **extra)

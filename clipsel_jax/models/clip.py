@@ -40,12 +40,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x, *, causal: bool, key_mask=None):
         b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        # The XLA path is exact float32 on every backend; cuDNN's fused kernel is left to bf16 callers.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
-        return self.out_proj(out.reshape(b, t, d))
+        hd = d // self.heads
+        split = lambda y: y.reshape(b, t, self.heads, hd)  # noqa: E731
+        q, k, v = split(self.q_proj(x)) * hd**-0.5, split(self.k_proj(x)), split(self.v_proj(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        allowed = None
+        if causal:
+            allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if key_mask is not None:
+            keys = key_mask[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
+        if allowed is not None:
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d))
 
 
 class MLP(nnx.Module):
