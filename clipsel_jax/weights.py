@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             # OpenAI's released .pt files are TorchScript archives, not pickled state dicts.
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files remain TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
@@ -312,8 +315,14 @@ def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: in
     v_width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
     t_width = sd["ln_final.weight"].shape[0]
-    head_width = model_cfg.get("vision_cfg", {}).get("head_width", 64)
+    # Head counts are not visible in tensor shapes: OpenAI's rule is width // 64; an OpenCLIP config may say otherwise.
+    v_heads = v_width // model_cfg.get("vision_cfg", {}).get("head_width", 64)
     t_heads = model_cfg.get("text_cfg", {}).get("heads", t_width // 64)
+    for tower, width, heads in (("vision", v_width, v_heads), ("text", t_width, t_heads)):
+        if heads < 1 or width % heads:
+            raise CheckpointError(f"cannot infer the number of attention heads of the {tower} tower (width {width}) "
+                                  "from tensor shapes; put the model's open_clip_config.json beside the file "
+                                  "(model_cfg.vision_cfg.head_width, model_cfg.text_cfg.heads)")
     text = dict(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=t_width,
                 intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                 num_hidden_layers=_count_blocks(sd, "transformer.resblocks."), num_attention_heads=t_heads,
@@ -322,7 +331,7 @@ def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: in
                 projection_dim=sd["text_projection"].shape[1])
     vision = dict(hidden_size=v_width, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                   num_hidden_layers=_count_blocks(sd, "visual.transformer.resblocks."),
-                  num_attention_heads=v_width // head_width, image_size=grid * patch, patch_size=patch,
+                  num_attention_heads=v_heads, image_size=grid * patch, patch_size=patch,
                   hidden_act=activation, layer_norm_eps=1e-5, projection_dim=sd["visual.proj"].shape[1])
     if text["projection_dim"] != vision["projection_dim"]:
         raise CheckpointError(f"text projection dim {text['projection_dim']} != visual projection dim "
