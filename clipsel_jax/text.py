@@ -45,3 +45,13 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, 
     ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=tokenizer.pad_token_id)
     mask = np.pad(mask, ((0, 0), (0, pad)))
     return ids, mask
+
+
+# The prompt of the authors' code; `class_prompts` fills it with each class name.
+DEFAULT_TEMPLATE = "A photo of a {}."
+
+
+def class_prompts(class_names: list[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
+    if "{}" not in template:
+        raise ValueError(f"prompt template {template!r} has no '{{}}' where the class name goes")
+    return [template.format(name.replace("_", " ")) for name in class_names]

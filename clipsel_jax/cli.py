@@ -1,0 +1,99 @@
+"""The `clipsel` command line. Subcommands: embed (a folder or zip of <class>/<file> images), info.
+
+Exit codes: 0 success, 2 bad arguments or input (a message, no traceback), 1 an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _common_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True,
+                   help="hub id (e.g. openai/clip-vit-base-patch32), a save_pretrained folder, or an "
+                        "OpenCLIP/OpenAI .pt/.bin/.safetensors file")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (for OpenCLIP/OpenAI files)")
+    p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="for OpenCLIP files without a config")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: 64 on CPU, 256 otherwise)")
+
+
+def cmd_embed(args) -> int:
+    import jax.numpy as jnp
+
+    from clipsel_jax import load_encoder
+    from clipsel_jax.data.sources import image_folder
+    from clipsel_jax.embed import embed
+
+    source = image_folder(args.data, args.subdir)
+    print(f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}", file=sys.stderr)
+    t0 = time.perf_counter()
+    enc = load_encoder(args.encoder, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
+                       activation=args.activation, batch_size=args.batch_size)
+    print(f"encoder: {enc}", file=sys.stderr)
+    emb = embed(source, enc, template=args.prompt, limit=args.limit, progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    emb.save(out)
+    summary = {"out": str(out), "images": int(len(emb.ids)), "unreadable": len(emb.unreadable),
+               "classes": len(emb.class_names), "image_dim": int(emb.image_emb.shape[1]),
+               "text_dim": int(emb.text_emb.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import jax
+
+    import clipsel_jax
+
+    info = {"clipsel_jax": clipsel_jax.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
+            "process_count": jax.process_count(), "process_index": jax.process_index(),
+            "devices": [str(d) for d in jax.devices()], "local_device_count": jax.local_device_count()}
+    for mod in ("flax", "optax", "orbax.checkpoint", "transformers", "torch"):
+        try:
+            info[mod] = __import__(mod, fromlist=["_"]).__version__
+        except ImportError:
+            info[mod] = None
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipsel", description="CLIP-powered data selection in JAX.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("embed", help="embed a folder or zip of <class>/<file> images and one prompt per class")
+    _common_encoder_args(p)
+    p.add_argument("--data", required=True, help="folder or .zip of <class>/<file> images (archive.zip:inner/dir ok)")
+    p.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train)")
+    p.add_argument("--out", required=True, help="output .npz (image_emb, labels, ids, text_emb, class_names)")
+    p.add_argument("--prompt", default="A photo of a {}.", help="class prompt template")
+    p.add_argument("--limit", type=int, help="only the first N images (in id order)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("info", help="devices, hosts and versions")
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:  # our errors say what is wrong and what to do
+        if args.debug:
+            raise
+        print(f"clipsel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The `clipsel` command line and the image-folder source it reads (folder and zip, unreadable files)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsel_jax.cli import main
+from clipsel_jax.data.sources import UnreadableImage, image_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two classes of small images of several kinds, plus an empty, a truncated and a non-image file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "cat" / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(root / "dog" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(root / "dog" / "deep.png")
+    Image.new("CMYK", (16, 16), (10, 20, 30, 40)).save(root / "dog" / "cmyk.jpg")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    data = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "dog" / "notes.txt").write_text("not an image")  # not an image suffix: not listed
+    return root
+
+
+def test_image_folder_listing_and_decoding(folder):
+    src = image_folder(str(folder))
+    assert src.class_names == ["cat", "dog"]
+    assert len(src) == 12 and src.labels.tolist() == [0] * 6 + [1] * 6
+    names = [os.path.basename(f) for f in src.files]
+    assert names[:6] == ["0.png", "1.png", "2.png", "empty.jpg", "gray.jpg", "truncated.png"]
+    for i in range(len(src)):
+        if names[i] in ("empty.jpg", "truncated.png"):
+            with pytest.raises(UnreadableImage):
+                src.read(i)
+        else:
+            img = src.read(i)
+            assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+def test_zip_source_matches_folder(folder, tmp_path):
+    z = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, "data/train/" + str(f.relative_to(folder)))
+    a, b = image_folder(str(folder)), image_folder(f"{z}:data/train")
+    assert a.class_names == b.class_names and a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_array_equal(a.read(1), b.read(1))
+    with pytest.raises(ValueError, match="no images found"):
+        image_folder(str(z), "data/test")
+
+
+def test_embed_command(folder, tmp_path, tiny_clip):
+    out = tmp_path / "emb.npz"
+    with pytest.warns(UserWarning, match="2 of 12 images could not be read"):
+        rc = main(["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--out", str(out), "--quiet"])
+    assert rc == 0
+    z = np.load(out)
+    assert z["image_emb"].shape == (10, 16) and z["text_emb"].shape == (2, 16)
+    assert sorted(z["unreadable_ids"].tolist()) == [3, 5]
+    assert 3 not in z["ids"] and z["labels"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert z["prompts"].tolist() == ["A photo of a cat.", "A photo of a dog."]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["embed", "--encoder", "nowhere/nothing/x", "--data", "DATA", "--out", "o.npz"], "neither an existing folder"),
+    (["embed", "--encoder", "ENC", "--data", "/no/such/folder", "--out", "o.npz"], "does not exist"),
+])
+def test_bad_arguments_exit_2_without_traceback(argv, message, folder, tiny_clip, tmp_path):
+    argv = [a.replace("DATA", str(folder)).replace("ENC", str(tiny_clip[0])) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", *argv], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_required_argument_and_info(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["embed", "--data", "x"])
+    assert e.value.code == 2
+    assert main(["info"]) == 0
+    assert '"backend": "cpu"' in capsys.readouterr().out
