@@ -23,14 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, caches)
-    times = []
+def best_times(fns: dict, repeats: int) -> dict:
+    """Min wall time of each function, measured in alternation so that load on the machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation, caches)
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def vit_flops(cfg, batch: int) -> float:
@@ -66,12 +69,15 @@ def main():
     from transformers import CLIPImageProcessorPil
 
     import clipsel_jax as cs
+    from clipsel_jax.text import length_bucket
 
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="bench_clip_"))
     tmodel, tok, _ = make_clip_folder(folder, VIT_B32)
     enc = cs.load_encoder(str(folder), dtype=getattr(jnp, args.dtype), batch_size=args.batch)
+    tdtype = getattr(torch, args.dtype)  # both sides compute in the same dtype
+    tmodel = tmodel.to(tdtype)
     proc = CLIPImageProcessorPil()
     b = args.batch
     rng = np.random.default_rng(0)
@@ -86,43 +92,53 @@ def main():
     n = 2048
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
-    res["jax_matmul_gflops"] = 2 * n**3 / best_time(lambda: mm(a).block_until_ready(), args.repeats) / 1e9
     ta = torch.ones(n, n)
-    res["torch_matmul_gflops"] = 2 * n**3 / best_time(lambda: ta @ ta, args.repeats) / 1e9
+    t = best_times({"jax": lambda: mm(a).block_until_ready(), "torch": lambda: ta @ ta}, args.repeats)
+    res["jax_matmul_gflops"] = 2 * n**3 / t["jax"] / 1e9
+    res["torch_matmul_gflops"] = 2 * n**3 / t["torch"] / 1e9
 
-    # Model only: identical preprocessed pixels / token ids.
-    pixels = enc.preprocessing
-    tp = proc(list(imgs224), return_tensors="pt")["pixel_values"]
-    with torch.inference_mode():
-        t_img = best_time(lambda: tmodel.get_image_features(pixel_values=tp), args.repeats)
-        inp = tok(texts, padding=True, return_tensors="pt")
-        t_txt = best_time(lambda: tmodel.get_text_features(**inp), args.repeats)
-    j_img = best_time(lambda: enc.encode_images(imgs224), args.repeats)  # 224x224 input: no resize, crop is a view
-    j_txt = best_time(lambda: enc.encode_texts(texts), args.repeats)
-    del pixels
+    # Model only: identical preprocessed inputs (224x224 uint8 needs no resize; the crop is a view).
+    tp = proc(list(imgs224), return_tensors="pt")["pixel_values"].to(tdtype)
+    inp = tok(texts, padding=True, return_tensors="pt")
+
+    def torch_images():
+        with torch.inference_mode():
+            return tmodel.get_image_features(pixel_values=tp)
+
+    def torch_texts():
+        with torch.inference_mode():
+            return tmodel.get_text_features(**inp)
+
+    t = best_times({"torch_img": torch_images, "jax_img": lambda: enc.encode_images(imgs224),
+                    "torch_txt": torch_texts, "jax_txt": lambda: enc.encode_texts(texts)}, args.repeats)
     flops = vit_flops(enc.config, b)
     length = inp["input_ids"].shape[1]
+    bucket = length_bucket(length, enc.context_length)
     res.update({
-        "model_images_per_s": {"clipsel_jax": b / j_img, "torch": b / t_img, "ratio": t_img / j_img},
-        "model_texts_per_s": {"clipsel_jax": b / j_txt, "torch": b / t_txt, "ratio": t_txt / j_txt,
-                              "torch_tokens": length},
-        "vision_fraction_of_peak": {"clipsel_jax": flops / j_img / 1e9 / res["jax_matmul_gflops"],
-                                    "torch": flops / t_img / 1e9 / res["torch_matmul_gflops"]},
-        "text_fraction_of_peak": {"torch": text_flops(enc.config, b, length) / t_txt / 1e9
-                                  / res["torch_matmul_gflops"]},
+        "model_images_per_s": {"clipsel_jax": b / t["jax_img"], "torch": b / t["torch_img"],
+                               "ratio": t["torch_img"] / t["jax_img"]},
+        "model_texts_per_s": {"clipsel_jax": b / t["jax_txt"], "torch": b / t["torch_txt"],
+                              "ratio": t["torch_txt"] / t["jax_txt"], "torch_tokens": length,
+                              "clipsel_jax_tokens": bucket},
+        "vision_fraction_of_peak": {"clipsel_jax": flops / t["jax_img"] / 1e9 / res["jax_matmul_gflops"],
+                                    "torch": flops / t["torch_img"] / 1e9 / res["torch_matmul_gflops"]},
+        "text_fraction_of_peak": {
+            "clipsel_jax": text_flops(enc.config, b, bucket) / t["jax_txt"] / 1e9 / res["jax_matmul_gflops"],
+            "torch": text_flops(enc.config, b, length) / t["torch_txt"] / 1e9 / res["torch_matmul_gflops"]},
     })
 
     # Whole pipeline from CIFAR-sized uint8 images.
     def torch_pipeline():
         with torch.inference_mode():
-            return tmodel.get_image_features(pixel_values=proc(list(imgs32), return_tensors="pt")["pixel_values"])
+            pixels = proc(list(imgs32), return_tensors="pt")["pixel_values"].to(tdtype)
+            return tmodel.get_image_features(pixel_values=pixels)
 
-    t_pipe = best_time(torch_pipeline, args.repeats)
-    j_pipe = best_time(lambda: enc.encode_images(imgs32), args.repeats)
-    res["pipeline_images_per_s_32px"] = {"clipsel_jax": b / j_pipe, "torch": b / t_pipe, "ratio": t_pipe / j_pipe}
+    t = best_times({"torch": torch_pipeline, "jax": lambda: enc.encode_images(imgs32)}, args.repeats)
+    res["pipeline_images_per_s_32px"] = {"clipsel_jax": b / t["jax"], "torch": b / t["torch"],
+                                         "ratio": t["torch"] / t["jax"]}
 
     ours = enc.encode_images(imgs32)
-    ref = torch_pipeline().pooler_output.numpy()
+    ref = torch_pipeline().pooler_output.float().numpy()
     res["max_abs_diff_vs_torch"] = float(np.abs(ours - ref).max())
 
     print(json.dumps(res, indent=2))
