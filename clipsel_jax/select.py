@@ -1,0 +1,128 @@
+"""Selection optimisation (METHOD.md section 3): a keep-mask learned with a straight-through estimator.
+
+One real parameter d_i per sample; selection probability s_i = sigmoid(T d_i); hard mask b_i = [s_i > 0.5] whose
+gradient passes straight through to s_i. Loss (the authors' code, scores min-max normalised):
+
+    L = - mean(s * SAS / mean(SAS)) - alpha * mean(s * SDS / mean(SDS)) + beta * |sum(b) - k| / N
+
+optimised with SGD + momentum inside one jitted ``lax.while_loop`` until |sum(b) - k| < N / 2000 (their stopping
+rule) or max_steps. The subset is then exactly k samples ranked by d (globally, or per class in class-balanced mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clipsel_jax import parallel
+
+
+@jax.custom_vjp
+def straight_through_mask(s):
+    """Forward: the hard mask 1[s > 0.5]. Backward: the identity, as if the mask were s itself."""
+    return (s > 0.5).astype(s.dtype)
+
+
+def _ste_fwd(s):
+    return straight_through_mask(s), None
+
+
+def _ste_bwd(_, g):
+    return (g,)
+
+
+straight_through_mask.defvjp(_ste_fwd, _ste_bwd)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    temperature: float = 100.0  # T in sigmoid(T d)
+    init: float = 0.01  # d_0: every sample starts selected
+    alpha: float = 0.1  # weight of diversity; the paper's text uses alpha = ratio ("paper" rule)
+    beta: float = 2.0  # weight of the count constraint
+    lr: float = 1e-3
+    momentum: float = 0.9
+    max_steps: int = 100_000
+    tolerance: float | None = None  # stop when |sum(b) - k| < tolerance; default N / 2000 (the authors' rule)
+
+
+def combined_score(sas, sds, alpha):
+    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised)."""
+    return sas / jnp.mean(sas) + alpha * sds / jnp.mean(sds)
+
+
+def selection_loss(d, c, k, beta, temperature):
+    """The loss of the authors' code, with the two score terms folded into c = combined_score(...):
+    -mean(s * SAS/mean(SAS)) - alpha * mean(s * SDS/mean(SDS)) == -mean(s * c). Returns (loss, sum(b))."""
+    n = d.shape[0]
+    s = jax.nn.sigmoid(temperature * d)
+    count = jnp.sum(straight_through_mask(s))
+    return -jnp.mean(s * c) + beta * jnp.abs(count - k) / n, count
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def optimise_keep_scores(c, k, cfg: SelectionConfig):
+    """Run the optimiser on combined scores c; returns (d, steps, count). c may be sharded over 'data'.
+
+    Like the authors' loop, each step computes the loss (and the count sum(b) of the current mask), takes the SGD
+    step, and stops once that count is within the tolerance of k.
+    """
+    n = c.shape[0]
+    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
+    tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
+    d0 = jnp.full_like(c, cfg.init)
+    grad_fn = jax.grad(selection_loss, has_aux=True)
+
+    def cond(state):
+        step, _, _, count = state
+        return (step < cfg.max_steps) & (jnp.abs(count - k) >= tol)
+
+    def body(state):
+        step, d, opt_state, _ = state
+        g, count = grad_fn(d, c, k, cfg.beta, cfg.temperature)
+        updates, opt_state = tx.update(g, opt_state, d)
+        return step + 1, optax.apply_updates(d, updates), opt_state, count
+
+    state = (jnp.int32(0), d0, tx.init(d0), jnp.float32(n))
+    step, d, _, count = jax.lax.while_loop(cond, body, state)
+    return d, step, count
+
+
+def class_quotas(labels: np.ndarray, num_classes: int, k: int) -> np.ndarray:
+    """Per-class keep counts round(ratio * n_c), adjusted by largest remainder so they sum to exactly k."""
+    sizes = np.bincount(labels, minlength=num_classes)
+    exact = sizes * (k / max(1, sizes.sum()))
+    quota = np.minimum(np.floor(exact).astype(np.int64), sizes)
+    rest = k - quota.sum()
+    # Hand the remaining slots to the largest fractional parts (ties: lower class id), never past a class's size.
+    order = np.lexsort((np.arange(num_classes), -(exact - quota)))
+    while rest > 0:
+        for c in order:
+            if rest == 0:
+                break
+            if quota[c] < sizes[c]:
+                quota[c] += 1
+                rest -= 1
+    return quota
+
+
+def rank_and_take(d: np.ndarray, tiebreak: np.ndarray, k: int, labels: np.ndarray | None = None,
+                  num_classes: int | None = None) -> np.ndarray:
+    """Sorted indices of exactly k samples with the largest d (ties: larger tiebreak, then lower index);
+    per class by quota when labels are given."""
+    n = len(d)
+    order = np.lexsort((np.arange(n), -tiebreak, -d))  # best first
+    if labels is None:
+        return np.sort(order[:k])
+    quota = class_quotas(labels, num_classes, k)
+    ranked_labels = labels[order]
+    by_class = np.argsort(ranked_labels, kind="stable")  # grouped by class, rank order kept inside a class
+    starts = np.searchsorted(ranked_labels[by_class], np.arange(num_classes))
+    rank_in_class = np.empty(n, np.int64)
+    rank_in_class[by_class] = np.arange(n) - starts[ranked_labels[by_class]]
+    return np.sort(order[rank_in_class < quota[ranked_labels]])
