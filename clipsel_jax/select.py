@@ -56,40 +56,59 @@ def combined_score(sas, sds, alpha):
     return sas / jnp.mean(sas) + alpha * sds / jnp.mean(sds)
 
 
-def selection_loss(d, c, k, beta, temperature):
+def selection_loss(d, c, valid, k, n, beta, temperature):
     """The loss of the authors' code, with the two score terms folded into c = combined_score(...):
-    -mean(s * SAS/mean(SAS)) - alpha * mean(s * SDS/mean(SDS)) == -mean(s * c). Returns (loss, sum(b))."""
-    n = d.shape[0]
+    -mean(s * SAS/mean(SAS)) - alpha * mean(s * SDS/mean(SDS)) == -mean(s * c).
+
+    `valid` masks padding (arrays are padded to a multiple of the device count); padded entries get no gradient and
+    are not counted, so the trajectory is the same on any number of devices. Returns (loss, sum(b)).
+    """
     s = jax.nn.sigmoid(temperature * d)
-    count = jnp.sum(straight_through_mask(s))
-    return -jnp.mean(s * c) + beta * jnp.abs(count - k) / n, count
+    count = jnp.sum(straight_through_mask(s) * valid)
+    return -jnp.sum(s * c * valid) / n + beta * jnp.abs(count - k) / n, count
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def optimise_keep_scores(c, k, cfg: SelectionConfig):
-    """Run the optimiser on combined scores c; returns (d, steps, count). c may be sharded over 'data'.
+def _optimizer(cfg: SelectionConfig):
+    return optax.sgd(cfg.lr, momentum=cfg.momentum)
+
+
+def init_state(c, cfg: SelectionConfig, n: int):
+    """(step, d, optimiser state, count): every sample starts at d = init, i.e. selected."""
+    d0 = jnp.full_like(c, cfg.init)
+    return jnp.int32(0), d0, _optimizer(cfg).init(d0), jnp.float32(n)
+
+
+@partial(jax.jit, static_argnames=("cfg", "n"))
+def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int):
+    """Advance the optimiser until the count is within tolerance of k, or step == stop_step (for checkpointing
+    between chunks; the whole run is one chunk when stop_step = max_steps). c may be sharded over 'data';
+    entries past n are padding.
 
     Like the authors' loop, each step computes the loss (and the count sum(b) of the current mask), takes the SGD
-    step, and stops once that count is within the tolerance of k.
+    step, and the loop stops once that count is within the tolerance of k.
     """
-    n = c.shape[0]
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
-    tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
-    d0 = jnp.full_like(c, cfg.init)
+    tx = _optimizer(cfg)
+    valid = (jnp.arange(c.shape[0]) < n).astype(c.dtype)
     grad_fn = jax.grad(selection_loss, has_aux=True)
 
     def cond(state):
         step, _, _, count = state
-        return (step < cfg.max_steps) & (jnp.abs(count - k) >= tol)
+        return (step < stop_step) & (jnp.abs(count - k) >= tol)
 
     def body(state):
         step, d, opt_state, _ = state
-        g, count = grad_fn(d, c, k, cfg.beta, cfg.temperature)
+        g, count = grad_fn(d, c, valid, k, n, cfg.beta, cfg.temperature)
         updates, opt_state = tx.update(g, opt_state, d)
         return step + 1, optax.apply_updates(d, updates), opt_state, count
 
-    state = (jnp.int32(0), d0, tx.init(d0), jnp.float32(n))
-    step, d, _, count = jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def optimise_keep_scores(c, k: int, cfg: SelectionConfig = SelectionConfig()):
+    """The whole optimisation in one jitted while_loop: returns (d, steps, count at stop)."""
+    n = c.shape[0]
+    step, d, _, count = optimise_chunk(init_state(c, cfg, n), c, jnp.float32(k), jnp.int32(cfg.max_steps), cfg, n)
     return d, step, count
 
 

@@ -1,0 +1,169 @@
+"""Dataset adaptation (METHOD.md section 1): train the image and text adapters on (image, class prompt) pairs.
+
+Losses: "infonce" (default): symmetric InfoNCE between L2-normalised adapted image features and the adapted prompts
+of their labels, learnable temperature; samples of the same class in a batch share one prompt, so every same-class
+pair counts as a positive (a multi-positive target) instead of a false negative. "class": cross-entropy of each
+image against all C prompts (CLIP zero-shot logits).
+Data-parallel over the mesh (batch split, weights replicated); an orbax checkpoint per epoch; a rerun with the
+same workdir resumes after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from clipsel_jax import parallel
+from clipsel_jax.ckpt import Checkpointer
+from clipsel_jax.models.adapters import Adapters
+from clipsel_jax.scores import l2_normalize
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    loss: str = "infonce"  # "infonce" | "class"
+    kind: str = "linear"  # "linear" | "mlp"
+    shared_dim: int | None = None  # default: min(image dim, text dim)
+    epochs: int = 30
+    lr: float = 1e-4
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in ("infonce", "class"):
+            raise ValueError(f"adapter loss must be 'infonce' or 'class', got {self.loss!r}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"bad adapter training settings: epochs={self.epochs}, batch_size={self.batch_size}, "
+                             f"lr={self.lr}")
+
+
+def contrastive_loss(adapters: Adapters, x, y, valid, text, loss: str):
+    """Mean loss over the valid rows of a (padded) batch."""
+    u = l2_normalize(adapters.image(x))
+    v = l2_normalize(adapters.text(text))
+    scale = jnp.minimum(jnp.exp(adapters.logit_scale[...]), 100.0)  # CLIP's clamp
+    w = valid.astype(jnp.float32)
+    if loss == "class":
+        ce = optax.softmax_cross_entropy_with_integer_labels(u @ v.T * scale, y)
+        return jnp.sum(ce * w) / jnp.sum(w)
+    logits = u @ v[y].T * scale  # image i against the prompt of sample j's label
+    pair_ok = valid[:, None] & valid[None, :]
+    positive = (y[:, None] == y[None, :]) & pair_ok
+    target = positive / jnp.maximum(positive.sum(1, keepdims=True), 1)
+    masked = jnp.where(pair_ok, logits, -1e9)
+    rows = -jnp.sum(target * jax.nn.log_softmax(masked, axis=1), axis=1)
+    cols = -jnp.sum(target * jax.nn.log_softmax(masked.T, axis=1), axis=1)
+    return jnp.sum((rows + cols) / 2 * w) / jnp.sum(w)
+
+
+def data_fingerprint(image_emb, labels, text_emb) -> str:
+    """Identity of the training inputs for checkpoint reuse: shapes, all labels, a strided sample of the features."""
+    h = hashlib.sha256()
+    for a in (image_emb, labels, text_emb):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a[:: max(1, len(a) // 4096)]).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarray, cfg: AdaptConfig = AdaptConfig(),
+                   workdir: str | Path | None = None, mesh=None, train_indices: np.ndarray | None = None,
+                   progress: bool = False, stop_after_epochs: int | None = None) -> tuple[Adapters, dict]:
+    """Train adapters; returns (adapters, history {"loss": per-epoch means, "resumed_from": epoch or None}).
+
+    train_indices: train on these samples only (e.g. a small trusted subset); scores still cover every sample.
+    stop_after_epochs: return after this many epochs of this call (the checkpoint allows resuming later).
+    """
+    mesh = mesh or parallel.data_mesh()
+    image_emb = np.asarray(image_emb, np.float32)
+    text_emb = np.asarray(text_emb, np.float32)
+    labels = np.asarray(labels, np.int32)
+    idx_all = np.arange(len(labels)) if train_indices is None else np.asarray(train_indices)
+    adapters = Adapters(image_emb.shape[1], text_emb.shape[1], cfg.shared_dim, cfg.kind,
+                        rngs=nnx.Rngs(cfg.seed))
+    graphdef, params = nnx.split(adapters)
+    tx = optax.adam(cfg.lr)
+    rep = parallel.replicated(mesh)
+    params = jax.device_put(params, rep)
+    opt_state = jax.device_put(tx.init(params), rep)
+    text = jax.device_put(text_emb, rep)
+    history = {"loss": [], "resumed_from": None}
+    start_epoch = 0
+    ckpt = None
+    fingerprint = data_fingerprint(image_emb, labels, text_emb)
+    settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint, "train_count": int(len(idx_all))}
+    if workdir is not None and cfg.epochs > 0:
+        ckpt = Checkpointer(Path(workdir) / "adapters")
+        if ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(like={"params": params, "opt_state": opt_state})
+            if meta["settings"] != settings:
+                changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+                raise ValueError(f"{ckpt.directory} holds adapters trained with other inputs or settings "
+                                 f"(differs in: {', '.join(changed)}); use another workdir or delete it")
+            params, opt_state = state["params"], state["opt_state"]
+            start_epoch = meta["epoch"]
+            history = {"loss": list(meta["loss"]), "resumed_from": start_epoch}
+
+    @jax.jit
+    def train_step(params, opt_state, x, y, valid, text):
+        def loss_fn(p):
+            return contrastive_loss(nnx.merge(graphdef, p), x, y, valid, text, cfg.loss)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = parallel.round_up(min(cfg.batch_size, max(1, len(idx_all))), mesh.devices.size)
+    sharding = parallel.batch_sharding(mesh)
+    bar = None
+    if progress and start_epoch < cfg.epochs:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="adapters", unit="epoch")
+    done_here = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after_epochs is not None and done_here >= stop_after_epochs:
+            break
+        order = idx_all[np.random.default_rng([cfg.seed, epoch]).permutation(len(idx_all))]
+        losses = []
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]
+            valid = np.zeros(batch, bool)
+            valid[: len(rows)] = True
+            x = jax.device_put(parallel.pad_rows(image_emb[rows], batch), sharding)
+            y = jax.device_put(parallel.pad_rows(labels[rows], batch), sharding)
+            params, opt_state, loss = train_step(params, opt_state, x, y, jax.device_put(valid, sharding), text)
+            losses.append((float(loss), len(rows)))
+        mean = sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses))
+        history["loss"].append(mean)
+        done_here += 1
+        if ckpt is not None:
+            ckpt.save(epoch + 1, {"params": params, "opt_state": opt_state},
+                      {"epoch": epoch + 1, "loss": history["loss"], "settings": settings})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}")
+    if bar is not None:
+        bar.close()
+    if ckpt is not None:
+        ckpt.close()
+    return nnx.merge(graphdef, params), history
+
+
+def apply_adapters(adapters: Adapters, image_emb: np.ndarray, text_emb: np.ndarray, batch: int = 65536):
+    """Adapted features (u, v) as float32 numpy, images in chunks to bound memory."""
+    graphdef, params = nnx.split(adapters)
+    f_img = jax.jit(lambda p, x: nnx.merge(graphdef, p).image(x))
+    f_txt = jax.jit(lambda p, t: nnx.merge(graphdef, p).text(t))
+    u = np.concatenate([np.asarray(f_img(params, jnp.asarray(image_emb[i:i + batch], jnp.float32)))
+                        for i in range(0, len(image_emb), batch)]) if len(image_emb) else np.zeros((0, 0), np.float32)
+    return u, np.asarray(f_txt(params, jnp.asarray(text_emb, jnp.float32)))

@@ -1,0 +1,188 @@
+"""The method end to end on arrays: adapt -> score -> select. ``select_from_embeddings`` is the library's heart."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipsel_jax import parallel
+from clipsel_jax.adapt import AdaptConfig, apply_adapters, data_fingerprint, train_adapters
+from clipsel_jax.ckpt import Checkpointer
+from clipsel_jax.scores import minmax, sample_diversity, semantic_alignment
+from clipsel_jax.select import SelectionConfig, combined_score, init_state, optimise_chunk, rank_and_take
+
+
+@dataclass
+class Selection:
+    indices: np.ndarray  # sorted int64 indices of the kept samples, len == round(ratio * N)
+    mask: np.ndarray  # bool (N,), True = kept
+    scores: dict  # float32 (N,): "sas" (cosine; higher = better aligned), "sds" (mean kNN distance; higher = more
+    #                diverse), "combined" (c of the loss; higher = kept first)
+    meta: dict = field(default_factory=dict)
+
+
+def _validate(image_emb, labels, text_emb, ratio):
+    image_emb = np.asarray(image_emb)
+    text_emb = np.asarray(text_emb)
+    labels = np.asarray(labels)
+    if image_emb.ndim != 2 or text_emb.ndim != 2:
+        raise ValueError(f"image_emb and text_emb must be 2-D (N, D) and (C, D'); got {image_emb.shape} and "
+                         f"{text_emb.shape}")
+    n, c = len(image_emb), len(text_emb)
+    if n == 0:
+        raise ValueError("no samples: image_emb is empty")
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"labels must be 1-D with one entry per image embedding: got shape {labels.shape} for "
+                         f"{n} embeddings")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}; map class names to "
+                         "0..C-1 first")
+    bad = np.nonzero((labels < 0) | (labels >= c))[0]
+    if len(bad):
+        raise ValueError(f"{len(bad)} labels are outside 0..{c - 1} (text_emb has {c} rows, one per class): "
+                         f"e.g. sample {bad[0]} has label {labels[bad[0]]}. Give one text embedding per class")
+    for name, a in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{name} must be floating point, got {a.dtype}")
+        rows = np.nonzero(~np.isfinite(a).all(axis=1))[0]
+        if len(rows):
+            raise ValueError(f"{name} has {len(rows)} rows with NaN or inf: {rows[:10].tolist()}"
+                             f"{' …' if len(rows) > 10 else ''}; drop or re-embed those samples")
+    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    k = int(round(ratio * n))
+    if k == 0:
+        raise ValueError(f"ratio {ratio} keeps round({ratio} * {n}) = 0 samples; raise the ratio")
+    return image_emb.astype(np.float32), labels.astype(np.int64), text_emb.astype(np.float32), k
+
+
+def _alpha(alpha, ratio) -> float:
+    if alpha == "code":
+        return 0.1
+    if alpha == "paper":
+        return float(ratio)
+    if isinstance(alpha, (int, float)) and alpha >= 0:
+        return float(alpha)
+    raise ValueError(f"alpha must be 'code' (0.1), 'paper' (= ratio) or a number >= 0, got {alpha!r}")
+
+
+def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int = 0, *,
+                           adapter: AdaptConfig | None = AdaptConfig(), balance: str = "class",
+                           alpha="code", beta: float = 2.0, k_neighbors: int | None = None, k_fraction: float = 0.1,
+                           reference_threshold: int | None = None, reference_size: int = 4096,
+                           selection: SelectionConfig | None = None, workdir: str | Path | None = None,
+                           mesh=None, progress: bool = False, chunk_steps: int = 20_000) -> Selection:
+    """Select round(ratio * N) samples from embeddings of any encoder.
+
+    image_emb (N, Di), labels (N,) ints in 0..C-1, text_emb (C, Dt): one (class prompt) embedding per class; Di and
+    Dt may differ (the adapters map both to a shared dim). adapter=None skips adaptation (then Di must equal Dt).
+    balance: "class" (default; each class keeps round(ratio * n_c), adjusted to sum to k) or "global" (the paper's
+    top-k over the whole data set). alpha: "code" (0.1), "paper" (= ratio) or a number.
+    workdir: checkpoints of adapters and selection state (orbax); a rerun resumes where a killed run stopped.
+    """
+    t0 = time.perf_counter()
+    image_emb, labels, text_emb, k = _validate(image_emb, labels, text_emb, ratio)
+    if balance not in ("class", "global"):
+        raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
+    n, num_classes = len(image_emb), len(text_emb)
+    mesh = mesh or parallel.data_mesh()
+    timings = {}
+    a = _alpha(alpha, ratio)
+    sel_cfg = dataclasses.replace(selection or SelectionConfig(), alpha=a, beta=beta)
+    workdir = Path(workdir) if workdir is not None else None
+
+    # 1. Dataset adaptation.
+    history = None
+    if adapter is not None and adapter.epochs > 0:
+        adapter = dataclasses.replace(adapter, seed=seed)
+        adapters, history = train_adapters(image_emb, labels, text_emb, adapter, workdir=workdir, mesh=mesh,
+                                           progress=progress)
+        u, v = apply_adapters(adapters, image_emb, text_emb)
+    else:
+        if image_emb.shape[1] != text_emb.shape[1]:
+            raise ValueError(f"image dim {image_emb.shape[1]} != text dim {text_emb.shape[1]}: unaligned encoders "
+                             "need adapters (adapter=AdaptConfig(...) with epochs > 0)")
+        u, v = image_emb, text_emb
+    timings["adapt_s"] = time.perf_counter() - t0
+
+    # 2. Scores.
+    t1 = time.perf_counter()
+    sas = semantic_alignment(u, v, labels)
+    sds, div = sample_diversity(u, labels, num_classes, k_fraction=k_fraction, k=k_neighbors,
+                                reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
+                                mesh=mesh)
+    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), a))
+    timings["score_s"] = time.perf_counter() - t1
+
+    # 3. Selection optimisation (resumable in chunks of steps), then exactly k by rank.
+    t2 = time.perf_counter()
+    d, steps, count = _optimise(c, k, sel_cfg, mesh, workdir, chunk_steps, seed)
+    keep = rank_and_take(d, c, k, labels if balance == "class" else None, num_classes)
+    timings["select_s"] = time.perf_counter() - t2
+    mask = np.zeros(n, bool)
+    mask[keep] = True
+    sizes = np.bincount(labels, minlength=num_classes)
+    kept = np.bincount(labels[keep], minlength=num_classes)
+    shrunk = np.nonzero(div.k < np.minimum(div.k_requested, np.maximum(sizes - 1, 0)) | (div.k < div.k_requested))[0]
+    meta = {
+        "n": n, "k": k, "ratio": ratio, "num_classes": num_classes, "seed": seed, "balance": balance,
+        "alpha": a, "beta": beta, "selection": dataclasses.asdict(sel_cfg),
+        "adapter": dataclasses.asdict(adapter) if adapter is not None else None,
+        "adapter_loss": history["loss"] if history else None,
+        "optimiser": {"steps": int(steps), "count_at_stop": int(count),
+                      "converged": bool(abs(count - k) < (sel_cfg.tolerance or n / 2000))},
+        "sds_k": {"requested": div.k_requested.tolist(), "used": div.k.tolist(),
+                  "reference_size": div.reference_size.tolist(),
+                  "shrunk_classes": shrunk.tolist()},
+        "class_sizes": sizes.tolist(), "kept_per_class": kept.tolist(),
+        "kept_fraction_per_class": (kept / np.maximum(sizes, 1)).round(6).tolist(),
+        "timings": {**{key: round(val, 3) for key, val in timings.items()},
+                    "total_s": round(time.perf_counter() - t0, 3)},
+        "versions": {"jax": jax.__version__, "devices": mesh.devices.size},
+    }
+    result = Selection(keep.astype(np.int64), mask, {"sas": sas.astype(np.float32), "sds": sds.astype(np.float32),
+                                                     "combined": c.astype(np.float32)}, meta)
+    if workdir is not None:
+        ck = Checkpointer(workdir / "selection_final", max_to_keep=1)
+        ck.save(0, {"indices": result.indices, "mask": mask, "d": d, **result.scores}, meta)
+        ck.close()
+    return result
+
+
+def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path | None, chunk_steps: int, seed: int):
+    """Run the selection loop in chunks of steps, checkpointing (d, optimiser state) after each chunk."""
+    n = len(c)
+    n_pad = parallel.round_up(n, mesh.devices.size)
+    sharding = parallel.batch_sharding(mesh)
+    c_pad = np.zeros(n_pad, np.float32)  # entries past n are padding, masked inside the loss
+    c_pad[:n] = c
+    c_dev = jax.device_put(c_pad, sharding)
+    state = init_state(c_dev, cfg, n)
+    ckpt = None
+    fingerprint = data_fingerprint(c[:, None], np.array([k, seed]), np.zeros((1, 1), np.float32))
+    settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint}
+    if workdir is not None:
+        ckpt = Checkpointer(workdir / "selection", max_to_keep=1)
+        if ckpt.latest_step() is not None:
+            restored, meta = ckpt.restore(like=state)
+            if meta["settings"] == settings:
+                state = restored
+            # Another run's state (other scores or settings) is ignored and overwritten, never mixed in.
+    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
+    while True:
+        step, count = int(state[0]), float(state[3])
+        if step >= cfg.max_steps or abs(count - k) < tol:
+            break
+        state = optimise_chunk(state, c_dev, jnp.float32(k), jnp.int32(min(cfg.max_steps, step + chunk_steps)), cfg,
+                               n)
+        if ckpt is not None:
+            ckpt.save(int(state[0]), state, {"settings": settings, "step": int(state[0])})
+    if ckpt is not None:
+        ckpt.close()
+    return np.asarray(state[1])[:n], int(state[0]), float(state[3])
