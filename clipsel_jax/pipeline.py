@@ -172,7 +172,9 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
         if ckpt.latest_step() is not None:
             restored, meta = ckpt.restore(like=state)
             if meta["settings"] == settings:
-                state = restored
+                rep = parallel.replicated(mesh)
+                state = jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding if np.ndim(a) else rep),
+                                     restored)
             # Another run's state (other scores or settings) is ignored and overwritten, never mixed in.
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
     while True:

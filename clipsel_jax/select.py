@@ -61,46 +61,59 @@ def selection_loss(d, c, valid, k, n, beta, temperature):
     -mean(s * SAS/mean(SAS)) - alpha * mean(s * SDS/mean(SDS)) == -mean(s * c).
 
     `valid` masks padding (arrays are padded to a multiple of the device count); padded entries get no gradient and
-    are not counted, so the trajectory is the same on any number of devices. Returns (loss, sum(b)).
+    are not counted, so the trajectory is the same on any number of devices.
     """
     s = jax.nn.sigmoid(temperature * d)
     count = jnp.sum(straight_through_mask(s) * valid)
-    return -jnp.sum(s * c * valid) / n + beta * jnp.abs(count - k) / n, count
+    return -jnp.sum(s * c * valid) / n + beta * jnp.abs(count - k) / n
+
+
+def selection_loss_given_count(d, c, valid, k, n, beta, temperature, count):
+    """selection_loss with the mask's count sum(b) already known (it is computed with the previous update).
+
+    |sum(b) - k| is replaced by sign(count - k) * sum(b): same value up to a constant, exactly the same gradient
+    (tested), and no reduction over the data before the gradient, so one optimiser step reads the data once.
+    """
+    s = jax.nn.sigmoid(temperature * d)
+    count_term = jnp.sign(count - k) * jnp.sum(straight_through_mask(s) * valid)
+    return -jnp.sum(s * c * valid) / n + beta * count_term / n
 
 
 def _optimizer(cfg: SelectionConfig):
     return optax.sgd(cfg.lr, momentum=cfg.momentum)
 
 
+def _count(d, valid):
+    return jnp.sum((d > 0) * valid)  # s = sigmoid(T d) > 0.5  <=>  d > 0
+
+
 def init_state(c, cfg: SelectionConfig, n: int):
-    """(step, d, optimiser state, count): every sample starts at d = init, i.e. selected."""
+    """(step, d, optimiser state, count of the current mask): every sample starts at d = init (selected)."""
     d0 = jnp.full_like(c, cfg.init)
-    return jnp.int32(0), d0, _optimizer(cfg).init(d0), jnp.float32(n)
+    return jnp.int32(0), d0, _optimizer(cfg).init(d0), jnp.float32(n if cfg.init > 0 else 0)
 
 
 @partial(jax.jit, static_argnames=("cfg", "n"))
 def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int):
-    """Advance the optimiser until the count is within tolerance of k, or step == stop_step (for checkpointing
-    between chunks; the whole run is one chunk when stop_step = max_steps). c may be sharded over 'data';
-    entries past n are padding.
-
-    Like the authors' loop, each step computes the loss (and the count sum(b) of the current mask), takes the SGD
-    step, and the loop stops once that count is within the tolerance of k.
+    """Advance the optimiser until the mask's count is within tolerance of k (the authors' rule), or until
+    step == stop_step (chunks allow checkpoints in between; one chunk when stop_step = max_steps).
+    c may be sharded over 'data'; entries past n are padding.
     """
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
     tx = _optimizer(cfg)
     valid = (jnp.arange(c.shape[0]) < n).astype(c.dtype)
-    grad_fn = jax.grad(selection_loss, has_aux=True)
+    grad_fn = jax.grad(selection_loss_given_count)
 
     def cond(state):
         step, _, _, count = state
         return (step < stop_step) & (jnp.abs(count - k) >= tol)
 
     def body(state):
-        step, d, opt_state, _ = state
-        g, count = grad_fn(d, c, valid, k, n, cfg.beta, cfg.temperature)
+        step, d, opt_state, count = state
+        g = grad_fn(d, c, valid, k, n, cfg.beta, cfg.temperature, count)
         updates, opt_state = tx.update(g, opt_state, d)
-        return step + 1, optax.apply_updates(d, updates), opt_state, count
+        d = optax.apply_updates(d, updates)
+        return step + 1, d, opt_state, _count(d, valid)
 
     return jax.lax.while_loop(cond, body, state)
 

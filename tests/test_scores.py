@@ -1,0 +1,85 @@
+"""SAS and SDS against brute-force numpy; SDS truly per class (unsorted data), tiled, sharded, sampled."""
+
+import jax
+import numpy as np
+import pytest
+
+from clipsel_jax import parallel
+from clipsel_jax.scores import minmax, sample_diversity, semantic_alignment
+
+
+def brute_sds(x, y, num_classes, frac=0.1, k=None):
+    out = np.zeros(len(x))
+    for c in range(num_classes):
+        m = np.nonzero(y == c)[0]
+        if len(m) < 2:
+            continue
+        d = np.sqrt(((x[m][:, None].astype(np.float64) - x[m][None]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        kc = min(k if k else max(1, int(round(frac * len(m)))), len(m) - 1)
+        out[m] = np.sort(d, 1)[:, :kc].mean(1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    n, dim, classes = 1500, 24, 6
+    y = rng.integers(0, classes, n)  # shuffled order, unequal class sizes: not N/C contiguous blocks
+    x = (rng.normal(size=(classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    return x, y, classes
+
+
+def test_sas_is_cosine_with_own_label_prompt():
+    rng = np.random.default_rng(1)
+    x, t = rng.normal(size=(50, 8)), rng.normal(size=(4, 8))
+    y = rng.integers(0, 4, 50)
+    ref = (x * t[y]).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(t[y], axis=1)
+    np.testing.assert_allclose(semantic_alignment(x, t, y), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [(8, 16), (64, 128), (256, 1024)])
+def test_sds_matches_brute_force_per_class(data, tiles):
+    x, y, classes = data
+    sds, info = sample_diversity(x, y, classes, query_tile=tiles[0], key_tile=tiles[1])
+    np.testing.assert_allclose(sds, brute_sds(x, y, classes), rtol=1e-4, atol=1e-4)
+    sizes = np.bincount(y, minlength=classes)
+    np.testing.assert_array_equal(info.k, np.maximum(1, np.round(0.1 * sizes)).astype(int))
+
+
+def test_sds_fixed_k_and_shrinking(data):
+    x, y, classes = data
+    sds, info = sample_diversity(x, y, classes, k=7)
+    np.testing.assert_allclose(sds, brute_sds(x, y, classes, k=7), rtol=1e-4, atol=1e-4)
+    small_y = np.array([0, 0, 0, 1, 1, 2])
+    _, info = sample_diversity(x[:6], small_y, 3, k=5)
+    assert info.k.tolist() == [2, 1, 0] and info.k_requested.tolist() == [5, 5, 5]
+
+
+def test_sds_sharded_equals_single_device(data):
+    x, y, classes = data
+    four, _ = sample_diversity(x, y, classes, query_tile=32, key_tile=64)
+    one, _ = sample_diversity(x, y, classes, query_tile=32, key_tile=64, mesh=parallel.data_mesh(jax.devices()[:1]))
+    np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_reference_sds_is_close_to_exact():
+    """Classes of 2,000 measured against 500 random members: mean abs error < 2% of the mean SDS, max < 8%,
+    rank correlation within a class > 0.97 (measured: ~1.2%, ~5%, ~0.99)."""
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 2000)
+    x = (rng.normal(size=(3, 16))[y] * 2 + rng.normal(size=(6000, 16))).astype(np.float32)
+    exact, _ = sample_diversity(x, y, 3)
+    approx, info = sample_diversity(x, y, 3, reference_threshold=1000, reference_size=500, seed=3)
+    assert info.reference_size.tolist() == [500] * 3 and info.k.tolist() == [50] * 3
+    err = np.abs(approx - exact) / exact.mean()
+    assert err.mean() < 0.02 and err.max() < 0.08, (err.mean(), err.max())
+    for c in range(3):
+        m = y == c
+        rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+        assert np.corrcoef(rank(exact[m]), rank(approx[m]))[0, 1] > 0.97
+
+
+def test_minmax():
+    np.testing.assert_allclose(minmax(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
+    assert minmax(np.ones(3)).tolist() == [0, 0, 0]

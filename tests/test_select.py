@@ -1,0 +1,210 @@
+"""The selection optimiser: STE, equivalence with top-|S| by the combined score, exact k, class balance,
+determinism across seeds and device counts, robustness to label noise, resume, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clipsel_jax as cs
+from clipsel_jax import parallel, pipeline
+from clipsel_jax.select import (SelectionConfig, class_quotas, optimise_keep_scores, rank_and_take,
+                                straight_through_mask)
+
+
+def noisy_clusters(n_per=300, classes=10, dim=32, flip=0.2, seed=0, sizes=None):
+    """Class-clustered embeddings, text embeddings near the class centres, `flip` of the labels flipped to
+    another class. Returns (x, given labels, text, flipped mask)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)) * 2.5
+    sizes = sizes or [n_per] * classes
+    y_true = np.repeat(np.arange(classes), sizes)
+    x = (centers[y_true] + rng.normal(size=(len(y_true), dim))).astype(np.float32)
+    text = (centers + 0.5 * rng.normal(size=(classes, dim))).astype(np.float32)
+    y = y_true.copy()
+    flipped = rng.random(len(y)) < flip
+    y[flipped] = (y[flipped] + rng.integers(1, classes, flipped.sum())) % classes
+    return x, y, text, flipped
+
+
+def test_ste_forward_is_hard_mask_and_gradient_is_straight_through():
+    s = jnp.array([0.1, 0.49, 0.51, 0.9])
+    np.testing.assert_array_equal(straight_through_mask(s), [0, 0, 1, 1])
+    w = jnp.array([1.0, -2.0, 3.0, 0.5])
+    ours = jax.grad(lambda s: (jnp.sum(w * straight_through_mask(s)) - 1) ** 2 + jnp.sum(straight_through_mask(s)))(s)
+    reference = jax.grad(lambda s: (jnp.sum(w * (s + jax.lax.stop_gradient((s > 0.5) - s))) - 1) ** 2
+                         + jnp.sum(s + jax.lax.stop_gradient((s > 0.5) - s)))(s)
+    np.testing.assert_allclose(ours, reference)
+    assert np.all(np.asarray(ours) != 0)
+    # Through the sigmoid of the method: non-zero, finite gradient for every parameter.
+    g = jax.grad(lambda d: jnp.sum(straight_through_mask(jax.nn.sigmoid(100 * d))))(jnp.full(5, 0.01))
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g) > 0)
+
+
+def test_loss_given_count_has_the_exact_gradient_of_the_loss():
+    from clipsel_jax.select import selection_loss, selection_loss_given_count
+
+    rng = np.random.default_rng(0)
+    d = jnp.asarray(rng.normal(size=64) * 0.02, jnp.float32)
+    c = jnp.asarray(rng.random(64), jnp.float32)
+    valid = jnp.ones(64).at[60:].set(0)
+    count = float(jnp.sum((d > 0) * valid))
+    # (At count == k the loop has already stopped; there jnp.abs' gradient is 1 and torch's, like sign's, is 0.)
+    for k in (10.0, count - 1, count + 1, 50.0):
+        g = jax.grad(selection_loss)(d, c, valid, k, 60, 2.0, 100.0)
+        h = jax.grad(selection_loss_given_count)(d, c, valid, k, 60, 2.0, 100.0, count)
+        np.testing.assert_allclose(g, h, rtol=1e-6, atol=1e-9)
+        assert np.all(np.asarray(g)[60:] == 0)  # padding gets no gradient
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_optimiser_mask_is_top_by_combined_score(ratio):
+    rng = np.random.default_rng(1)
+    n = 20_000
+    c = (rng.random(n) + 0.1 * rng.random(n)).astype(np.float32)  # tie-free
+    k = round(ratio * n)
+    d, steps, count = optimise_keep_scores(jnp.asarray(c), k)
+    mask = np.asarray(d) > 0  # s > 0.5
+    assert abs(mask.sum() - k) < n / 2000 + 1 and 0 < int(steps) < 100_000
+    top = np.zeros(n, bool)
+    top[np.argsort(-c)[: mask.sum()]] = True
+    np.testing.assert_array_equal(mask, top)
+
+
+def test_class_quotas_sum_to_k_and_follow_ratio():
+    labels = np.repeat(np.arange(4), [10, 7, 3, 1])
+    for k in range(1, 22):
+        q = class_quotas(labels, 4, k)
+        assert q.sum() == k and np.all(q <= [10, 7, 3, 1])
+        assert np.all(np.abs(q - np.array([10, 7, 3, 1]) * k / 21) < 1 + 1e-9)
+    np.testing.assert_array_equal(class_quotas(labels, 4, 21), [10, 7, 3, 1])
+    # An empty class gets nothing.
+    np.testing.assert_array_equal(class_quotas(np.array([0, 0, 2, 2]), 3, 2), [1, 0, 1])
+
+
+def test_rank_and_take_exact_k_and_ties():
+    d = np.array([0.5, 0.5, 0.1, 0.9, 0.5])
+    tb = np.array([0.0, 1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(rank_and_take(d, tb, 2), [1, 3])  # 3 best; tie 1 vs 4 on tiebreak -> index 1
+    labels = np.array([0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(rank_and_take(d, tb, 2, labels, 2), [1, 3])
+    np.testing.assert_array_equal(rank_and_take(d, tb, 4, labels, 2), [0, 1, 3, 4])
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("balance", ["class", "global"])
+def test_exact_k_and_class_balanced_counts(ratio, balance):
+    x, y, text, _ = noisy_clusters(sizes=[50, 120, 7, 300, 33], classes=5, dim=16, seed=2)
+    sel = cs.select_from_embeddings(x, y, text, ratio, adapter=None, balance=balance)
+    k = round(ratio * len(y))
+    assert len(sel.indices) == k == sel.mask.sum() and np.all(np.diff(sel.indices) > 0)
+    assert sel.indices.dtype == np.int64 and sel.mask.dtype == bool
+    kept = np.bincount(y[sel.indices], minlength=5)
+    assert sel.meta["kept_per_class"] == kept.tolist()
+    if balance == "class":
+        np.testing.assert_array_equal(kept, class_quotas(y, 5, k))
+    assert set(sel.scores) == {"sas", "sds", "combined"}
+    assert all(v.shape == (len(y),) and v.dtype == np.float32 for v in sel.scores.values())
+
+
+def test_same_seed_same_mask_and_devices_agree():
+    x, y, text, _ = noisy_clusters(n_per=150, seed=3)
+    cfg = cs.AdaptConfig(epochs=2, batch_size=64)
+    a = cs.select_from_embeddings(x, y, text, 0.4, seed=7, adapter=cfg)
+    b = cs.select_from_embeddings(x, y, text, 0.4, seed=7, adapter=cfg)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert jax.device_count() == 4
+    one = cs.select_from_embeddings(x, y, text, 0.4, seed=7, adapter=None,
+                                    mesh=parallel.data_mesh(jax.devices()[:1]))
+    four = cs.select_from_embeddings(x, y, text, 0.4, seed=7, adapter=None)
+    np.testing.assert_array_equal(one.mask, four.mask)
+    for balance in ("global",):
+        one = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, balance=balance,
+                                        mesh=parallel.data_mesh(jax.devices()[:1]))
+        four = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, balance=balance)
+        np.testing.assert_array_equal(one.mask, four.mask)
+
+
+def test_flipped_labels_are_left_out():
+    """20% of labels flipped; keep 50%. Random keeps ~20% flipped; the method keeps far fewer."""
+    x, y, text, flipped = noisy_clusters(n_per=400, seed=4)
+    sel = cs.select_from_embeddings(x, y, text, 0.5, adapter=cs.AdaptConfig(epochs=3))
+    frac = flipped[sel.indices].mean()
+    assert flipped.mean() > 0.18
+    assert frac < 0.02, frac
+
+
+def test_selection_resumes_after_interruption(tmp_path, monkeypatch):
+    x, y, text, _ = noisy_clusters(n_per=400, seed=5)
+    ref = cs.select_from_embeddings(x, y, text, 0.3, adapter=None)
+    calls = {"n": 0}
+    real = pipeline.optimise_chunk
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "optimise_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40)
+    steps_before = ref.meta["optimiser"]["steps"]
+    assert steps_before > 120  # the kill really happened mid-way
+    calls["n"] = -1000
+    resumed = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40)
+    assert calls["n"] - (-1000) == -(-(steps_before - 80) // 40)  # only the remaining chunks ran
+    np.testing.assert_array_equal(resumed.mask, ref.mask)
+    assert resumed.meta["optimiser"]["steps"] == steps_before
+
+
+def test_sds_k_shrinks_for_small_classes_and_one_class_works():
+    x, y, text, _ = noisy_clusters(sizes=[40, 3, 1], classes=3, dim=8, flip=0.0, seed=6)
+    sel = cs.select_from_embeddings(x, y, text, 0.5, adapter=None, k_neighbors=5)
+    assert sel.meta["sds_k"]["used"] == [5, 2, 0] and sel.meta["sds_k"]["shrunk_classes"] == [1, 2]
+    assert sel.scores["sds"][y == 2][0] == 0  # a lone sample has no neighbours
+    one = cs.select_from_embeddings(x[y == 0], np.zeros(40, int), text[:1], 0.25, adapter=None)
+    assert len(one.indices) == 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratio=0.0), r"ratio must be in \(0, 1\]"),
+    (dict(ratio=1.5), r"ratio must be in \(0, 1\]"),
+    (dict(ratio=0.001), "keeps round"),
+    (dict(labels=np.zeros(20, np.float32)), "labels must be integer"),
+    (dict(labels=np.full(20, 3)), r"outside 0..2"),
+    (dict(labels=np.full(20, -1)), r"outside 0..2"),
+    (dict(labels=np.zeros(19, int)), "one entry per image"),
+    (dict(text_emb=np.ones((2, 4), np.float32), labels=np.full(20, 2)), r"text_emb has 2 rows"),
+    (dict(image_emb=np.ones((0, 4), np.float32), labels=np.zeros(0, int)), "no samples"),
+    (dict(image_emb=np.ones((20,), np.float32)), "must be 2-D"),
+    (dict(nan_rows=[3, 7]), r"image_emb has 2 rows with NaN or inf: \[3, 7\]"),
+    (dict(balance="both"), "balance must be"),
+    (dict(alpha="other"), "alpha must be"),
+    (dict(text_emb=np.ones((3, 5), np.float32)), "need adapters"),
+])
+def test_bad_input(kwargs, match):
+    rng = np.random.default_rng(0)
+    args = dict(image_emb=rng.normal(size=(20, 4)).astype(np.float32), labels=np.arange(20) % 3,
+                text_emb=rng.normal(size=(3, 4)).astype(np.float32), ratio=0.5)
+    nan_rows = kwargs.pop("nan_rows", None)
+    args.update(kwargs)
+    if nan_rows:
+        args["image_emb"][nan_rows, 1] = np.nan
+    with pytest.raises(ValueError, match=match):
+        cs.select_from_embeddings(args.pop("image_emb"), args.pop("labels"), args.pop("text_emb"), args.pop("ratio"),
+                                  adapter=None, **args)
+
+
+def test_alpha_rules():
+    x, y, text, _ = noisy_clusters(n_per=50, seed=8, classes=3)
+    assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None).meta["alpha"] == 0.1
+    assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None, alpha="paper").meta["alpha"] == 0.3
+    assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None, alpha=0.5).meta["alpha"] == 0.5
+
+
+def test_selection_config_is_used():
+    x, y, text, _ = noisy_clusters(n_per=100, seed=9, classes=3)
+    sel = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, selection=SelectionConfig(max_steps=5))
+    assert sel.meta["optimiser"]["steps"] == 5 and not sel.meta["optimiser"]["converged"]
+    assert len(sel.indices) == 90  # still exactly k by rank
