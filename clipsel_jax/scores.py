@@ -5,9 +5,10 @@ Sample Diversity Score    SDS_i = mean Euclidean distance from u_i to its K near
                           itself excluded (K = 10% of the class size by default). High = sparse region = diverse.
 
 SDS runs on device, truly per class (the authors' code assumed class-sorted data), with bounded memory: queries in
-tiles of `query_tile` rows against keys in tiles of `key_tile` rows, keeping a running top-K; never more than
-query_tile x (K + key_tile) distances exist at once. Query tiles are split across the devices of the mesh.
-For large classes an option measures distances against a random reference sample of the class instead.
+tiles of rows against the class's keys, at most `max_tile_elements` distances at once per device (never an N x N
+or class x class matrix); the mean of the K smallest per row is found exactly without sorting. Query tiles are
+split across the devices of the mesh. For large classes an option measures distances against a random reference
+sample of the class instead.
 """
 
 from __future__ import annotations
@@ -47,34 +48,52 @@ def _round_up(n, m):
     return -(-n // m) * m
 
 
-@partial(jax.jit, static_argnames=("k_max", "query_tile", "key_tile", "mesh"))
-def _knn_mean_distance(queries, query_ids, keys, key_ids, k, *, k_max, query_tile, key_tile, mesh):
-    """Mean distance from each query row to its k nearest key rows (same id excluded, id -1 = padding).
+def mean_of_k_smallest(values, k, transform=None):
+    """Row-wise mean of transform(v) over the k smallest entries v of non-negative values (R, M); k traced.
 
-    queries (Q, D) are split across devices; keys (M, D) are replicated. Q is a multiple of devices * query_tile,
-    M of key_tile. k is a traced scalar <= k_max (so one compiled program serves classes of similar size).
+    Exact, without sorting: a bitwise binary search finds the k-th smallest value t (non-negative float32 order is
+    the order of their int32 bit patterns), then mean = (sum over v < t + (k - count(v < t)) * t) / k.
+    A few vectorised compare-and-count passes are much cheaper than XLA's sort-based top_k on long rows.
+    `transform` must be monotone (e.g. sqrt of squared distances: the search runs on the squares).
+    """
+    transform = transform or (lambda v: v)
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    # Search between the row's smallest and largest finite values: fewer halvings than the whole float range.
+    finite = values < jnp.inf
+    lo = jax.lax.bitcast_convert_type(jnp.min(values, axis=1), jnp.int32)
+    hi = jax.lax.bitcast_convert_type(jnp.max(jnp.where(finite, values, 0.0), axis=1), jnp.int32)
+    hi = jnp.maximum(lo, hi)
+    steps = 32 - jax.lax.clz(jnp.max(hi - lo))  # halvings needed for the widest row
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid[:, None], axis=1) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    _, kth_bits = jax.lax.fori_loop(0, steps, halve, (lo, hi))
+    kth = jax.lax.bitcast_convert_type(kth_bits, jnp.float32)
+    below = values < kth[:, None]
+    total = jnp.sum(jnp.where(below, transform(values), 0.0), axis=1) + (k - jnp.sum(below, axis=1)) * transform(kth)
+    return total / k
+
+
+@partial(jax.jit, static_argnames=("query_tile", "mesh"))
+def _knn_mean_distance(queries, query_ids, keys, key_ids, k, *, query_tile, mesh):
+    """Mean distance from each query row to its k nearest key rows (same id excluded; id -1 = padding key).
+
+    queries (Q, D) are split across devices, keys (M, D) replicated; each device walks its queries in tiles of
+    query_tile rows, so at most query_tile x M distances exist at once per device. Q is a multiple of
+    devices * query_tile. k is traced, so classes of similar size share one compiled program.
     """
     key_sq = jnp.sum(keys * keys, axis=-1)
-    key_tiles = (keys.reshape(-1, key_tile, keys.shape[1]), key_sq.reshape(-1, key_tile), key_ids.reshape(-1, key_tile))
 
     def one_query_tile(args):
         q, qid = args
-        q_sq = jnp.sum(q * q, axis=-1)
-
-        def merge(best, tile):
-            kt, kt_sq, kid = tile
-            d2 = q_sq[:, None] + kt_sq[None, :] - 2 * jnp.dot(q, kt.T, precision="highest")
-            dist = jnp.sqrt(jnp.maximum(d2, 0.0))
-            excluded = (kid[None, :] == qid[:, None]) | (kid[None, :] < 0)
-            neg = jnp.where(excluded, -jnp.inf, -dist)
-            best = jax.lax.top_k(jnp.concatenate([best, neg], axis=1), k_max)[0]
-            return best, None
-
-        best0 = jnp.full((q.shape[0], k_max), -jnp.inf, jnp.float32)
-        best, _ = jax.lax.scan(merge, best0, key_tiles)
-        nearest = -best  # ascending distances; entries past k are ignored
-        take = jnp.arange(k_max)[None, :] < k
-        return jnp.sum(jnp.where(take, nearest, 0.0), axis=1) / k
+        d2 = jnp.sum(q * q, axis=-1)[:, None] + key_sq[None, :] - 2 * jnp.dot(q, keys.T, precision="highest")
+        excluded = (key_ids[None, :] == qid[:, None]) | (key_ids[None, :] < 0)
+        # The k nearest by squared distance are the k nearest; sqrt only where it is summed.
+        return mean_of_k_smallest(jnp.where(excluded, jnp.inf, jnp.maximum(d2, 0.0)), k, jnp.sqrt)
 
     def local(q, qid):
         tiles = (q.reshape(-1, query_tile, q.shape[1]), qid.reshape(-1, query_tile))
@@ -87,7 +106,7 @@ def _knn_mean_distance(queries, query_ids, keys, key_ids, k, *, k_max, query_til
 
 def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, k_fraction: float = 0.1,
                      k: int | None = None, reference_threshold: int | None = None, reference_size: int = 4096,
-                     seed: int = 0, query_tile: int = 256, key_tile: int = 1024, mesh=None,
+                     seed: int = 0, query_tile: int = 256, max_tile_elements: int = 1 << 24, mesh=None,
                      ) -> tuple[np.ndarray, DiversityInfo]:
     """SDS for every sample, per class. float32 (N,).
 
@@ -96,7 +115,7 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
     Classes larger than `reference_threshold` (if set) measure distances against `reference_size` randomly chosen
     members of the class (seeded), with K scaled by reference_size / (class size - 1).
     """
-    feats = np.asarray(feats, np.float32)
+    feats = np.asarray(feats)  # cast per class below: a float16 (N, D) array is never copied whole
     labels = np.asarray(labels)
     mesh = mesh or parallel.data_mesh()
     n_dev = mesh.devices.size
@@ -121,22 +140,22 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
             key_idx = np.sort(rng.choice(members, reference_size, replace=False))
             kc = max(1, min(int(round(kc * reference_size / (n_c - 1))), reference_size - 1))
         ks[c], refs[c] = kc, len(key_idx)
-        # Shapes are rounded up so that classes of similar size share one compiled program.
-        k_max = max(8, 1 << (kc - 1).bit_length())
-        q_tile = min(query_tile, max(8, 1 << (n_c - 1).bit_length()))
+        # Shapes are rounded up to powers of two so that classes of similar size share one compiled program; the
+        # query tile shrinks for large key sets so that a tile of distances stays under max_tile_elements.
+        n_k = max(8, 1 << (len(key_idx) - 1).bit_length())
+        q_tile = min(query_tile, max(8, 1 << (n_c - 1).bit_length()),
+                     max(1, 1 << (max_tile_elements // n_k).bit_length() - 1))
         n_q = _round_up(n_c, q_tile * n_dev)
-        k_tile = min(key_tile, max(8, 1 << (len(key_idx) - 1).bit_length()))
-        n_k = _round_up(max(len(key_idx), k_max), k_tile)
-        queries = parallel.pad_rows(feats[members], n_q)
+        queries = parallel.pad_rows(feats[members].astype(np.float32), n_q)
         qid = np.full(n_q, -2, np.int64)
         qid[:n_c] = members
-        keys = parallel.pad_rows(feats[key_idx], n_k)
+        keys = parallel.pad_rows(feats[key_idx].astype(np.float32), n_k)
         kid = np.full(n_k, -1, np.int64)
         kid[: len(key_idx)] = key_idx
         sds = _knn_mean_distance(jax.device_put(queries, parallel.batch_sharding(mesh)),
                                  jax.device_put(qid.astype(np.int32), parallel.batch_sharding(mesh)),
                                  jnp.asarray(keys), jnp.asarray(kid.astype(np.int32)), jnp.int32(kc),
-                                 k_max=k_max, query_tile=q_tile, key_tile=k_tile, mesh=mesh)
+                                 query_tile=q_tile, mesh=mesh)
         out[members] = np.asarray(sds)[:n_c]
     return out, DiversityInfo(ks, ks_req, refs)
 

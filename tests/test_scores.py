@@ -38,13 +38,28 @@ def test_sas_is_cosine_with_own_label_prompt():
     np.testing.assert_allclose(semantic_alignment(x, t, y), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("tiles", [(8, 16), (64, 128), (256, 1024)])
+@pytest.mark.parametrize("tiles", [(8, 1 << 24), (64, 1 << 10), (256, 1 << 24)])
 def test_sds_matches_brute_force_per_class(data, tiles):
     x, y, classes = data
-    sds, info = sample_diversity(x, y, classes, query_tile=tiles[0], key_tile=tiles[1])
+    sds, info = sample_diversity(x, y, classes, query_tile=tiles[0], max_tile_elements=tiles[1])
     np.testing.assert_allclose(sds, brute_sds(x, y, classes), rtol=1e-4, atol=1e-4)
     sizes = np.bincount(y, minlength=classes)
     np.testing.assert_array_equal(info.k, np.maximum(1, np.round(0.1 * sizes)).astype(int))
+
+
+def test_mean_of_k_smallest_is_exact():
+    import jax.numpy as jnp
+
+    from clipsel_jax.scores import mean_of_k_smallest
+
+    rng = np.random.default_rng(5)
+    d = rng.random((7, 300)).astype(np.float32) * 10
+    d[:, :20] = 1.5  # ties straddling the k-th value
+    d[2, 5:50] = np.inf  # excluded entries
+    d[3] = 0.0
+    for k in (1, 2, 19, 20, 21, 100, 250):
+        ref = np.sort(d, axis=1)[:, :k].mean(1)
+        np.testing.assert_allclose(mean_of_k_smallest(jnp.asarray(d), jnp.int32(k)), ref, rtol=1e-6)
 
 
 def test_sds_fixed_k_and_shrinking(data):
@@ -58,8 +73,8 @@ def test_sds_fixed_k_and_shrinking(data):
 
 def test_sds_sharded_equals_single_device(data):
     x, y, classes = data
-    four, _ = sample_diversity(x, y, classes, query_tile=32, key_tile=64)
-    one, _ = sample_diversity(x, y, classes, query_tile=32, key_tile=64, mesh=parallel.data_mesh(jax.devices()[:1]))
+    four, _ = sample_diversity(x, y, classes, query_tile=32)
+    one, _ = sample_diversity(x, y, classes, query_tile=32, mesh=parallel.data_mesh(jax.devices()[:1]))
     np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,132 @@
+"""Scoring + selection cost on synthetic embeddings, and our optimiser loop against the authors' PyTorch loop.
+
+For each N (and C), in a fresh subprocess so peak memory is per case: class-clustered float32 embeddings (D=512),
+text embeddings near the class centres; then `select_from_embeddings(adapter=None)` (SAS, per-class SDS, the STE
+optimiser, exact k). Reported: seconds per stage and the process's peak resident memory.
+
+The PyTorch side re-creates the authors' loop faithfully (SGD lr 1e-3, momentum 0.9, STE via detach, loss as in
+their code, stop when |sum(b) - k| < N/2000, at most 100,000 steps) on the same normalised scores, capped at
+--torch-cap seconds: when capped, its time for the same number of steps as ours is extrapolated from its step rate
+(and the output says so).
+
+    python scripts/bench_select.py --cases 50000:10 1280000:10 1280000:1000 [--torch-cap 120] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def make_data(n: int, classes: int, dim: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32) * 2
+    labels = rng.integers(0, classes, n)
+    x = np.empty((n, dim), np.float32)
+    for s in range(0, n, 262_144):  # in chunks: bounded temporary memory
+        e = min(n, s + 262_144)
+        x[s:e] = centers[labels[s:e]] + rng.standard_normal((e - s, dim), dtype=np.float32)
+    text = centers + 0.5 * rng.standard_normal((classes, dim), dtype=np.float32)
+    return x, labels, text
+
+
+def torch_loop(sas, sds, k, alpha=0.1, beta=2.0, cap_s=120.0, max_steps=100_000):
+    """The authors' selection loop in PyTorch (CPU), faithfully: returns (steps, seconds, finished)."""
+    import torch
+
+    sas, sds = torch.from_numpy(sas), torch.from_numpy(sds)
+    n = len(sas)
+    d = torch.full((n,), 0.01, requires_grad=True)
+    opt = torch.optim.SGD([d], lr=1e-3, momentum=0.9)
+    t0 = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        s = torch.sigmoid(100 * d)
+        hard = (s > 0.5).float()
+        b = s + (hard - s).detach()  # straight-through estimator
+        loss = (-torch.mean(s * sas / sas.mean()) - alpha * torch.mean(s * sds / sds.mean())
+                + beta * torch.abs(b.sum() - k) / n)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if abs(b.sum().item() - k) < n / 2000:
+            return step, time.perf_counter() - t0, True
+        if time.perf_counter() - t0 > cap_s:
+            return step, time.perf_counter() - t0, False
+    return max_steps, time.perf_counter() - t0, True
+
+
+def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, reference_threshold: int | None):
+    import numpy as np
+
+    import clipsel_jax as cs
+    from clipsel_jax.scores import minmax
+
+    t0 = time.perf_counter()
+    x, labels, text = make_data(n, classes, dim)
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sel = cs.select_from_embeddings(x, labels, text, ratio, adapter=None, balance="global",
+                                    reference_threshold=reference_threshold, reference_size=4096)
+    total = time.perf_counter() - t0
+    res = {"n": n, "classes": classes, "dim": dim, "ratio": ratio, "data_gen_s": round(gen_s, 1),
+           "ours_total_s": round(total, 2), **{f"ours_{k}": v for k, v in sel.meta["timings"].items()},
+           "ours_steps": sel.meta["optimiser"]["steps"], "reference_threshold": reference_threshold,
+           "peak_rss_gb_before_torch": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch_cap > 0:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        sas, sds = minmax(sel.scores["sas"]), minmax(sel.scores["sds"])
+        steps, secs, finished = torch_loop(sas, sds, round(ratio * n), cap_s=torch_cap)
+        per_step = secs / steps
+        torch_s = secs if finished else per_step * res["ours_steps"]
+        res.update({"torch_steps_run": steps, "torch_s_run": round(secs, 2), "torch_finished": finished,
+                    "torch_loop_s" + ("" if finished else "_extrapolated"): round(torch_s, 1),
+                    "loop_ratio_torch_over_ours": round(torch_s / sel.meta["timings"]["select_s"], 1)})
+        if finished:
+            # Their loop tests the count of the mask it just used, ours the mask after the step: one step apart.
+            res["same_trajectory"] = abs(steps - res["ours_steps"]) <= 1
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["50000:10", "50000:1000", "1280000:10", "1280000:1000"],
+                    help="N:C pairs")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--torch-cap", type=float, default=120.0, help="seconds; 0 skips the PyTorch loop")
+    ap.add_argument("--reference-threshold", type=int, default=20_000,
+                    help="classes larger than this use a 4,096-member reference sample for SDS (0: always exact)")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    ref = args.reference_threshold or None
+    if args.one:
+        n, c = map(int, args.one.split(":"))
+        print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref)))
+        return
+    results = []
+    for case in args.cases:
+        cmd = [sys.executable, __file__, "--one", case, "--dim", str(args.dim), "--ratio", str(args.ratio),
+               "--torch-cap", str(args.torch_cap), "--reference-threshold", str(args.reference_threshold)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            results.append({"case": case, "error": out.stderr[-2000:]})
+        else:
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
