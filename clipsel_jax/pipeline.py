@@ -50,7 +50,9 @@ def _validate(image_emb, labels, text_emb, ratio):
     for name, a in (("image_emb", image_emb), ("text_emb", text_emb)):
         if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"{name} must be floating point, got {a.dtype}")
-        rows = np.nonzero(~np.isfinite(a).all(axis=1))[0]
+        # In row chunks: a whole (N, D) boolean temporary would cost N*D bytes.
+        rows = np.concatenate([np.nonzero(~np.isfinite(a[i:i + 65536]).all(axis=1))[0] + i
+                               for i in range(0, len(a), 65536)])
         if len(rows):
             raise ValueError(f"{name} has {len(rows)} rows with NaN or inf: {rows[:10].tolist()}"
                              f"{' …' if len(rows) > 10 else ''}; drop or re-embed those samples")
@@ -59,7 +61,7 @@ def _validate(image_emb, labels, text_emb, ratio):
     k = int(round(ratio * n))
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps round({ratio} * {n}) = 0 samples; raise the ratio")
-    return image_emb.astype(np.float32), labels.astype(np.int64), text_emb.astype(np.float32), k
+    return (np.asarray(image_emb, np.float32), labels.astype(np.int64), np.asarray(text_emb, np.float32), k)
 
 
 def _alpha(alpha, ratio) -> float:
@@ -88,16 +90,17 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     """
     t0 = time.perf_counter()
     image_emb, labels, text_emb, k = _validate(image_emb, labels, text_emb, ratio)
+    timings = {"validate_s": time.perf_counter() - t0}
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
     n, num_classes = len(image_emb), len(text_emb)
     mesh = mesh or parallel.data_mesh()
-    timings = {}
     a = _alpha(alpha, ratio)
     sel_cfg = dataclasses.replace(selection or SelectionConfig(), alpha=a, beta=beta)
     workdir = Path(workdir) if workdir is not None else None
 
     # 1. Dataset adaptation.
+    t1 = time.perf_counter()
     history = None
     if adapter is not None and adapter.epochs > 0:
         adapter = dataclasses.replace(adapter, seed=seed)
@@ -109,7 +112,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
             raise ValueError(f"image dim {image_emb.shape[1]} != text dim {text_emb.shape[1]}: unaligned encoders "
                              "need adapters (adapter=AdaptConfig(...) with epochs > 0)")
         u, v = image_emb, text_emb
-    timings["adapt_s"] = time.perf_counter() - t0
+    timings["adapt_s"] = time.perf_counter() - t1
 
     # 2. Scores.
     t1 = time.perf_counter()
@@ -188,3 +191,44 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
     if ckpt is not None:
         ckpt.close()
     return np.asarray(state[1])[:n], int(state[0]), float(state[3])
+
+
+def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, template: str | None = None,
+           progress: bool = True, **options) -> Selection:
+    """The whole pipeline: embed `source` with `encoder` (a spec for load_encoder, or an encoder object), adapt,
+    score, select. Embeddings are saved in workdir/embeddings.npz and reused by a rerun with the same encoder and
+    source; adapter and selection checkpoints live in workdir too. `options` go to select_from_embeddings.
+
+    Returns a Selection whose indices and mask refer to the embedded samples; `meta["ids"]` maps them to the
+    source's sample ids (unreadable images are excluded and listed in meta["unreadable"]).
+    """
+    import json
+
+    from clipsel_jax.embed import embed
+    from clipsel_jax.encoder import load_encoder
+    from clipsel_jax.text import DEFAULT_TEMPLATE
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    enc = load_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
+    template = template or DEFAULT_TEMPLATE
+    identity = {"encoder": enc.identity, "source": source.fingerprint(), "template": template}
+    emb_file, id_file = workdir / "embeddings.npz", workdir / "embeddings.json"
+    if emb_file.is_file() and id_file.is_file() and json.loads(id_file.read_text()) == identity:
+        z = np.load(emb_file)
+        image_emb, labels, ids, text_emb = z["image_emb"], z["labels"], z["ids"], z["text_emb"]
+        unreadable = json.loads(id_file.with_suffix(".unreadable.json").read_text())
+    else:
+        e = embed(source, enc, template=template, progress=progress)
+        e.save(emb_file)
+        id_file.with_suffix(".unreadable.json").write_text(json.dumps(e.unreadable))
+        id_file.write_text(json.dumps(identity))  # written last: marks the embeddings complete
+        image_emb, labels, ids, text_emb, unreadable = e.image_emb, e.labels, e.ids, e.text_emb, e.unreadable
+    sel = select_from_embeddings(image_emb, labels, text_emb, ratio, seed, workdir=workdir, progress=progress,
+                                 **options)
+    sel.meta.update({"ids": ids.tolist(), "unreadable": unreadable, "class_names": list(source.class_names),
+                     "encoder": enc.identity, "template": template})
+    np.savez(workdir / "selection.npz", indices=sel.indices, mask=sel.mask, ids=ids, labels=labels,
+             kept_ids=ids[sel.indices], **sel.scores)
+    (workdir / "meta.json").write_text(json.dumps({k: v for k, v in sel.meta.items() if k != "ids"}, indent=1))
+    return sel

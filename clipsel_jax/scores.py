@@ -28,11 +28,21 @@ def l2_normalize(x, axis=-1):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def semantic_alignment(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """SAS: cosine between each sample's image feature and its label's prompt feature. float32 (N,)."""
-    img = l2_normalize(jnp.asarray(image_feats, jnp.float32))
+def semantic_alignment(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
+                       chunk: int = 65536) -> np.ndarray:
+    """SAS: cosine between each sample's image feature and its label's prompt feature. float32 (N,).
+    Rows go to the device in chunks, so host and device memory stay bounded for any N."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
-    return np.asarray(jnp.sum(img * txt[jnp.asarray(labels)], axis=-1))
+    out = np.empty(len(image_feats), np.float32)
+    for i in range(0, len(image_feats), chunk):
+        out[i:i + chunk] = _cosine_to_label(jnp.asarray(image_feats[i:i + chunk], jnp.float32), txt,
+                                            jnp.asarray(labels[i:i + chunk]))
+    return out
+
+
+@jax.jit
+def _cosine_to_label(img, txt, labels):
+    return jnp.sum(l2_normalize(img) * txt[labels], axis=-1)
 
 
 @dataclass
@@ -68,7 +78,8 @@ def mean_of_k_smallest(values, k, transform=None):
     def halve(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits <= mid[:, None], axis=1) >= k
+        # A float32 sum of 0/1 (exact below 2^24 columns) vectorises about twice as well as an integer count.
+        enough = jnp.sum(jnp.where(bits <= mid[:, None], 1.0, 0.0), axis=1) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     _, kth_bits = jax.lax.fori_loop(0, steps, halve, (lo, hi))
@@ -140,9 +151,10 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
             key_idx = np.sort(rng.choice(members, reference_size, replace=False))
             kc = max(1, min(int(round(kc * reference_size / (n_c - 1))), reference_size - 1))
         ks[c], refs[c] = kc, len(key_idx)
-        # Shapes are rounded up to powers of two so that classes of similar size share one compiled program; the
-        # query tile shrinks for large key sets so that a tile of distances stays under max_tile_elements.
-        n_k = max(8, 1 << (len(key_idx) - 1).bit_length())
+        # Key counts are rounded up (to a power of two below 256, else a multiple of 256) so that classes of
+        # similar size share one compiled program; the query tile shrinks for large key sets so that a tile of
+        # distances stays under max_tile_elements.
+        n_k = max(8, 1 << (len(key_idx) - 1).bit_length()) if len(key_idx) < 256 else _round_up(len(key_idx), 256)
         q_tile = min(query_tile, max(8, 1 << (n_c - 1).bit_length()),
                      max(1, 1 << (max_tile_elements // n_k).bit_length() - 1))
         n_q = _round_up(n_c, q_tile * n_dev)

@@ -91,3 +91,27 @@ def test_missing_required_argument_and_info(capsys):
     assert e.value.code == 2
     assert main(["info"]) == 0
     assert '"backend": "cpu"' in capsys.readouterr().out
+
+
+def test_select_end_to_end(folder, tmp_path, tiny_clip):
+    """Image folder -> embed -> adapt -> score -> select, then a rerun reuses the saved embeddings."""
+    import json
+
+    import clipsel_jax as cs
+
+    src = image_folder(str(folder))
+    work = tmp_path / "work"
+    with pytest.warns(UserWarning, match="could not be read"):
+        sel = cs.select(src, 0.5, str(tiny_clip[0]), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
+                        progress=False)
+    assert len(sel.indices) == 5 and len(sel.meta["unreadable"]) == 2  # 10 readable images
+    z = np.load(work / "selection.npz")
+    np.testing.assert_array_equal(z["indices"], sel.indices)
+    assert set(z["kept_ids"].tolist()) <= set(range(12)) - {3, 5}
+    meta = json.loads((work / "meta.json").read_text())
+    assert meta["k"] == 5 and meta["class_names"] == ["cat", "dog"]
+    stamp = (work / "embeddings.npz").stat().st_mtime_ns
+    again = cs.select(src, 0.5, str(tiny_clip[0]), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
+                      progress=False)
+    assert (work / "embeddings.npz").stat().st_mtime_ns == stamp  # reused, not recomputed
+    np.testing.assert_array_equal(again.mask, sel.mask)
