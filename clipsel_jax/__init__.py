@@ -5,7 +5,7 @@ from clipsel_jax.adapt import AdaptConfig
 from clipsel_jax.data.preprocess import ImageError
 from clipsel_jax.encoder import ClipEncoder, load_encoder, register_encoder
 from clipsel_jax.pipeline import Selection, select, select_from_embeddings
-from clipsel_jax.select import SelectionConfig
+from clipsel_jax.selection import SelectionConfig
 from clipsel_jax.weights import CheckpointError
 
 __version__ = "0.1.0"

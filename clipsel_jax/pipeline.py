@@ -15,7 +15,7 @@ from clipsel_jax import parallel
 from clipsel_jax.adapt import AdaptConfig, apply_adapters, data_fingerprint, train_adapters
 from clipsel_jax.ckpt import Checkpointer
 from clipsel_jax.scores import minmax, sample_diversity, semantic_alignment
-from clipsel_jax.select import SelectionConfig, combined_score, init_state, optimise_chunk, rank_and_take
+from clipsel_jax.selection import SelectionConfig, combined_score, init_state, optimise_chunk, rank_and_take
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _validate(image_emb, labels, text_emb, ratio):
         raise ValueError(f"{len(bad)} labels are outside 0..{c - 1} (text_emb has {c} rows, one per class): "
                          f"e.g. sample {bad[0]} has label {labels[bad[0]]}. Give one text embedding per class")
     for name, a in (("image_emb", image_emb), ("text_emb", text_emb)):
-        if not np.issubdtype(a.dtype, np.floating):
+        if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
             raise ValueError(f"{name} must be floating point, got {a.dtype}")
         # In row chunks: a whole (N, D) boolean temporary would cost N*D bytes.
         rows = np.concatenate([np.nonzero(~np.isfinite(a[i:i + 65536]).all(axis=1))[0] + i
@@ -61,7 +61,9 @@ def _validate(image_emb, labels, text_emb, ratio):
     k = int(round(ratio * n))
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps round({ratio} * {n}) = 0 samples; raise the ratio")
-    return (np.asarray(image_emb, np.float32), labels.astype(np.int64), np.asarray(text_emb, np.float32), k)
+    # float16/bfloat16 features stay as they are (half the memory of float32 for 10M x 512): every stage casts
+    # the rows it works on.
+    return image_emb, labels.astype(np.int64), np.asarray(text_emb, np.float32), k
 
 
 def _alpha(alpha, ratio) -> float:

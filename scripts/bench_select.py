@@ -23,13 +23,13 @@ import sys
 import time
 
 
-def make_data(n: int, classes: int, dim: int, seed: int = 0):
+def make_data(n: int, classes: int, dim: int, seed: int = 0, storage: str = "float32"):
     import numpy as np
 
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, dim)).astype(np.float32) * 2
     labels = rng.integers(0, classes, n)
-    x = np.empty((n, dim), np.float32)
+    x = np.empty((n, dim), storage)
     for s in range(0, n, 262_144):  # in chunks: bounded temporary memory
         e = min(n, s + 262_144)
         x[s:e] = centers[labels[s:e]] + rng.standard_normal((e - s, dim), dtype=np.float32)
@@ -62,20 +62,21 @@ def torch_loop(sas, sds, k, alpha=0.1, beta=2.0, cap_s=120.0, max_steps=100_000)
     return max_steps, time.perf_counter() - t0, True
 
 
-def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, reference_threshold: int | None):
+def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, reference_threshold: int | None,
+             storage: str = "float32"):
     import numpy as np
 
     import clipsel_jax as cs
     from clipsel_jax.scores import minmax
 
     t0 = time.perf_counter()
-    x, labels, text = make_data(n, classes, dim)
+    x, labels, text = make_data(n, classes, dim, storage=storage)
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     sel = cs.select_from_embeddings(x, labels, text, ratio, adapter=None, balance="global",
                                     reference_threshold=reference_threshold, reference_size=4096)
     total = time.perf_counter() - t0
-    res = {"n": n, "classes": classes, "dim": dim, "ratio": ratio, "data_gen_s": round(gen_s, 1),
+    res = {"n": n, "classes": classes, "dim": dim, "storage": storage, "ratio": ratio, "data_gen_s": round(gen_s, 1),
            "ours_total_s": round(total, 2), **{f"ours_{k}": v for k, v in sel.meta["timings"].items()},
            "ours_steps": sel.meta["optimiser"]["steps"], "reference_threshold": reference_threshold,
            "peak_rss_gb_before_torch": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
@@ -105,18 +106,21 @@ def main():
     ap.add_argument("--torch-cap", type=float, default=120.0, help="seconds; 0 skips the PyTorch loop")
     ap.add_argument("--reference-threshold", type=int, default=20_000,
                     help="classes larger than this use a 4,096-member reference sample for SDS (0: always exact)")
+    ap.add_argument("--storage", default="float32", choices=["float32", "float16"],
+                    help="dtype of the synthetic embeddings (float16 halves memory: 10M x 512 is 10 GB)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     ref = args.reference_threshold or None
     if args.one:
         n, c = map(int, args.one.split(":"))
-        print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref)))
+        print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref, args.storage)))
         return
     results = []
     for case in args.cases:
         cmd = [sys.executable, __file__, "--one", case, "--dim", str(args.dim), "--ratio", str(args.ratio),
-               "--torch-cap", str(args.torch_cap), "--reference-threshold", str(args.reference_threshold)]
+               "--torch-cap", str(args.torch_cap), "--reference-threshold", str(args.reference_threshold),
+               "--storage", args.storage]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             results.append({"case": case, "error": out.stderr[-2000:]})

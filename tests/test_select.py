@@ -8,7 +8,7 @@ import pytest
 
 import clipsel_jax as cs
 from clipsel_jax import parallel, pipeline
-from clipsel_jax.select import (SelectionConfig, class_quotas, optimise_keep_scores, rank_and_take,
+from clipsel_jax.selection import (SelectionConfig, class_quotas, optimise_keep_scores, rank_and_take,
                                 straight_through_mask)
 
 
@@ -42,7 +42,7 @@ def test_ste_forward_is_hard_mask_and_gradient_is_straight_through():
 
 
 def test_loss_given_count_has_the_exact_gradient_of_the_loss():
-    from clipsel_jax.select import selection_loss, selection_loss_given_count
+    from clipsel_jax.selection import selection_loss, selection_loss_given_count
 
     rng = np.random.default_rng(0)
     d = jnp.asarray(rng.normal(size=64) * 0.02, jnp.float32)
@@ -208,3 +208,14 @@ def test_selection_config_is_used():
     sel = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, selection=SelectionConfig(max_steps=5))
     assert sel.meta["optimiser"]["steps"] == 5 and not sel.meta["optimiser"]["converged"]
     assert len(sel.indices) == 90  # still exactly k by rank
+
+
+def test_half_precision_embeddings_are_not_upcast_whole():
+    """float16 features (half the memory) give the same selection as their float32 values."""
+    x, y, text, _ = noisy_clusters(n_per=100, seed=10, classes=4)
+    x16 = x.astype(np.float16)
+    a = cs.select_from_embeddings(x16, y, text, 0.4, adapter=None)
+    b = cs.select_from_embeddings(x16.astype(np.float32), y, text, 0.4, adapter=None)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    with pytest.raises(ValueError, match="must be floating point"):
+        cs.select_from_embeddings(x.astype(np.int32), y, text, 0.4, adapter=None)

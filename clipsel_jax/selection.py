@@ -101,7 +101,6 @@ def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int):
     """
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
     tx = _optimizer(cfg)
-    valid = (jnp.arange(c.shape[0]) < n).astype(c.dtype)
     grad_fn = jax.grad(selection_loss_given_count)
 
     def cond(state):
@@ -110,6 +109,8 @@ def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int):
 
     def body(state):
         step, d, opt_state, count = state
+        # Built inside the body from an iota, the padding mask fuses into the step instead of being read from memory.
+        valid = (jax.lax.iota(jnp.int32, c.shape[0]) < n).astype(c.dtype)
         g = grad_fn(d, c, valid, k, n, cfg.beta, cfg.temperature, count)
         updates, opt_state = tx.update(g, opt_state, d)
         d = optax.apply_updates(d, updates)
