@@ -134,7 +134,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     mask[keep] = True
     sizes = np.bincount(labels, minlength=num_classes)
     kept = np.bincount(labels[keep], minlength=num_classes)
-    shrunk = np.nonzero(div.k < np.minimum(div.k_requested, np.maximum(sizes - 1, 0)) | (div.k < div.k_requested))[0]
+    shrunk = np.nonzero(sizes - 1 < div.k_requested)[0]  # classes too small for K neighbours: K = size - 1
     meta = {
         "n": n, "k": k, "ratio": ratio, "num_classes": num_classes, "seed": seed, "balance": balance,
         "alpha": a, "beta": beta, "selection": dataclasses.asdict(sel_cfg),
