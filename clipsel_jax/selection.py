@@ -52,8 +52,13 @@ class SelectionConfig:
 
 
 def combined_score(sas, sds, alpha):
-    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised)."""
-    return sas / jnp.mean(sas) + alpha * sds / jnp.mean(sds)
+    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised).
+    A score that is constant over the data set (normalised to all zeros) contributes nothing."""
+    def term(x):
+        m = jnp.mean(x)
+        return jnp.where(m > 0, x / jnp.where(m > 0, m, 1.0), 0.0)
+
+    return term(sas) + alpha * term(sds)
 
 
 def selection_loss(d, c, valid, k, n, beta, temperature):

@@ -219,3 +219,12 @@ def test_half_precision_embeddings_are_not_upcast_whole():
     np.testing.assert_array_equal(a.mask, b.mask)
     with pytest.raises(ValueError, match="must be floating point"):
         cs.select_from_embeddings(x.astype(np.int32), y, text, 0.4, adapter=None)
+
+
+def test_constant_scores_do_not_give_nan():
+    """Only singleton classes: every SDS is 0, min-max gives zeros; the combined score stays finite."""
+    rng = np.random.default_rng(11)
+    x, t = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    sel = cs.select_from_embeddings(x, np.arange(6), t, 0.5, adapter=None, balance="global")
+    assert np.isfinite(sel.scores["combined"]).all() and len(sel.indices) == 3
+    np.testing.assert_array_equal(sel.scores["sds"], 0)
