@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,17 +101,22 @@ def image_folder(path: str, subdir: str | None = None) -> ImageFolder:
             names = [n for n in zf.namelist() if not n.endswith("/")]
         pre = prefix + "/" if prefix else ""
         entries = [(n, n[len(pre):].split("/")) for n in names if n.startswith(pre)]
-        entries = [(n, parts) for n, parts in entries if len(parts) == 2 and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        entries = [(n, parts) for n, parts in entries if len(parts) == 2]
         location = f"{p.resolve()}:{prefix}"
         zip_path = str(p)
     else:
         root = p / prefix if prefix else p
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder")
-        entries = [(str(f), [f.parent.name, f.name]) for f in root.glob("*/*")
-                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        entries = [(str(f), [f.parent.name, f.name]) for f in root.glob("*/*") if f.is_file()]
         location = str(root.resolve())
         zip_path = None
+    skipped = [n for n, _ in entries if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
+    if skipped:
+        kinds = sorted({Path(n).suffix.lower() or "(no suffix)" for n in skipped})
+        warnings.warn(f"{len(skipped)} files in class folders are not images by their suffix and are skipped "
+                      f"({', '.join(kinds[:8])}; first: {skipped[0]})", stacklevel=2)
+    entries = [(n, parts) for n, parts in entries if Path(n).suffix.lower() in IMAGE_SUFFIXES]
     if not entries:
         where = f"{spec}:{prefix}" if prefix else spec
         raise ValueError(f"no images found as <class>/<file> in {where!r} (image types: {sorted(IMAGE_SUFFIXES)})")
