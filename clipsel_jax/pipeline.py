@@ -155,6 +155,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
                                                      "combined": c.astype(np.float32)}, meta)
     if workdir is not None:
         ck = Checkpointer(workdir / "selection_final", max_to_keep=1)
+        ck.clear()  # the final selection of this run replaces any earlier one
         ck.save(0, {"indices": result.indices, "mask": mask, "d": d, **result.scores}, meta)
         ck.close()
     return result
@@ -180,7 +181,8 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
                 rep = parallel.replicated(mesh)
                 state = jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding if np.ndim(a) else rep),
                                      restored)
-            # Another run's state (other scores or settings) is ignored and overwritten, never mixed in.
+            else:  # another run's state (other scores or settings): removed, never resumed or mixed in
+                ckpt.clear()
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
     while True:
         step, count = int(state[0]), float(state[3])

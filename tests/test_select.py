@@ -228,3 +228,32 @@ def test_constant_scores_do_not_give_nan():
     sel = cs.select_from_embeddings(x, np.arange(6), t, 0.5, adapter=None, balance="global")
     assert np.isfinite(sel.scores["combined"]).all() and len(sel.indices) == 3
     np.testing.assert_array_equal(sel.scores["sds"], 0)
+
+
+def test_workdir_reused_with_other_settings_replaces_state(tmp_path):
+    """orbax silently skips a save at a step it already has: a second run in the same workdir (another ratio)
+    must clear the first run's selection state and final selection, not keep them."""
+    from clipsel_jax.ckpt import Checkpointer
+
+    x, y, text, _ = noisy_clusters(n_per=200, seed=12, classes=4)
+    first = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=50)
+    second = cs.select_from_embeddings(x, y, text, 0.6, adapter=None, workdir=tmp_path, chunk_steps=50)
+    assert first.meta["k"] != second.meta["k"]
+    state, meta = Checkpointer(tmp_path / "selection_final").restore()
+    assert meta["k"] == second.meta["k"]
+    np.testing.assert_array_equal(state["indices"], second.indices)
+    latest = Checkpointer(tmp_path / "selection").latest_step()
+    assert latest == second.meta["optimiser"]["steps"]
+
+
+def test_checkpointer_refuses_a_silent_skip(tmp_path):
+    from clipsel_jax.ckpt import Checkpointer
+
+    ck = Checkpointer(tmp_path / "c")
+    ck.save(3, {"a": np.zeros(2)}, {"v": 1})
+    with pytest.raises(RuntimeError, match="step 3 was not saved"):
+        ck.save(3, {"a": np.ones(2)}, {"v": 2})
+    ck.clear()
+    ck.save(3, {"a": np.ones(2)}, {"v": 2})
+    state, meta = ck.restore()
+    assert meta == {"v": 2} and state["a"].tolist() == [1, 1]
