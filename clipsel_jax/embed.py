@@ -69,7 +69,6 @@ def embed(source, encoder, template: str = DEFAULT_TEMPLATE, batch_size: int = 2
                       f"(first: {unreadable[0]['path']}: {unreadable[0]['reason']})", stacklevel=2)
     keep = np.asarray(keep, np.int64)
     prompts = class_prompts(source.class_names, template)
-    image_dim = getattr(encoder, "image_dim")
-    return Embeddings(np.concatenate(feats) if feats else np.zeros((0, image_dim), np.float32),
+    return Embeddings(np.concatenate(feats) if feats else np.zeros((0, encoder.image_dim), np.float32),
                       source.labels[keep], source.ids[keep], encoder.encode_texts(prompts), list(source.class_names),
                       prompts, unreadable)

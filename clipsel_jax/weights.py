@@ -73,6 +73,21 @@ def _torch():
     return torch
 
 
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's released .pt files are TorchScript archives (a zip with constants.pkl), not pickled state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") for n in zf.namelist())
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original checkpoint") from e
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors, PyTorch pickle or TorchScript (OpenAI .pt) file, as float32 numpy."""
     path = Path(path)
@@ -88,8 +103,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     torch = _torch()
     try:
-        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            # OpenAI's released .pt files are TorchScript archives, not pickled state dicts.
+        if _is_torchscript(path):
             with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files remain TorchScript
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -170,7 +184,7 @@ def read_preprocessing(folder: Path) -> ImagePreprocessing:
     file = folder / "preprocessor_config.json"
     if not file.is_file():
         return ImagePreprocessing()
-    cfg = json.loads(file.read_text())
+    cfg = _read_json(file)
     size = cfg.get("size", 224)
     shortest = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
     crop = cfg.get("crop_size", shortest)
@@ -190,7 +204,7 @@ def read_hf_folder(folder: str | os.PathLike, identity: dict | None = None) -> C
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder} has no config.json; expected a folder written by "
                               "CLIPModel.save_pretrained, or pass an OpenCLIP/OpenAI .pt/.bin/.safetensors file")
-    raw = json.loads(cfg_file.read_text())
+    raw = _read_json(cfg_file)
     if raw.get("model_type") not in (None, "clip"):
         raise CheckpointError(f"{cfg_file} describes a {raw.get('model_type')!r} model, not CLIP")
     config = CLIPConfig.from_pretrained(str(folder))
@@ -345,18 +359,16 @@ def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activatio
     model_cfg, pre = {}, ImagePreprocessing()
     side = path.parent / "open_clip_config.json"
     if side.is_file():
-        side_cfg = json.loads(side.read_text())
+        side_cfg = _read_json(side)
         model_cfg = side_cfg.get("model_cfg", {})
         p = side_cfg.get("preprocess_cfg", {})
         pre = ImagePreprocessing(image_mean=tuple(p.get("mean", pre.image_mean)),
                                  image_std=tuple(p.get("std", pre.image_std)))
-    is_torchscript = zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
-                                                      for n in zipfile.ZipFile(path).namelist())
     if activation is None:
-        if "quick_gelu" in model_cfg:
-            activation = "quick_gelu" if model_cfg["quick_gelu"] else "gelu"
-        elif side.is_file() or is_torchscript:  # OpenCLIP configs default to gelu; OpenAI's .pt use QuickGELU
-            activation = "gelu" if side.is_file() else "quick_gelu"
+        if side.is_file():  # OpenCLIP's model config: quick_gelu defaults to False
+            activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+        elif _is_torchscript(path):  # OpenAI's own release uses QuickGELU
+            activation = "quick_gelu"
         else:
             raise CheckpointError(
                 f"{path.name}: the activation cannot be inferred from tensor shapes. Pass activation='quick_gelu' "

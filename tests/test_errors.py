@@ -167,3 +167,10 @@ def test_overlong_text_is_truncated(enc):
     long = "photo " * 200
     out = enc.encode_texts([long, "cat"])
     assert out.shape == (2, enc.text_dim) and np.isfinite(out).all()
+
+
+def test_corrupt_config_json_is_named(tmp_path, tiny_clip):
+    d = copy_folder(tiny_clip[0], tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        cs.load_encoder(str(d))
