@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from clipsel_jax import parallel
-from clipsel_jax.data.preprocess import ImageError, prepare_images
+from clipsel_jax.data.preprocess import ImageError, as_rgb_uint8, prepare_images, resize_and_crop
 from clipsel_jax.models.clip import CLIPModel
 from clipsel_jax.text import load_tokenizer, tokenize
 from clipsel_jax.weights import CheckpointError, ImagePreprocessing, build_clip_model, read_checkpoint
@@ -36,23 +36,124 @@ def _default_batch_size() -> int:
     return 64 if jax.default_backend() == "cpu" else 256
 
 
-class ClipEncoder:
+class Encoder:
+    """What every encoder shares: fixed-shape, device-sharded batches over a 1-D mesh, and a host-side step that
+    turns any image into the model's fixed uint8 input (``prepare_image``), so input pipelines can run it in
+    worker processes and send only small uint8 tensors to the devices.
+
+    A subclass sets ``image_dim``, ``text_dim``, ``identity`` (JSON-able: what the encoder is, for cache keys),
+    ``preprocessing`` (an ``ImagePreprocessing``), and two jitted functions of replicated state:
+    ``self._image_features(state, uint8 (B, h, w, 3)) -> float32 (B, image_dim)`` with ``self._image_state``, and
+    ``self._text_features(state, *token arrays) -> float32 (B, text_dim)`` with ``self._text_state``; and it
+    implements ``_tokenize(texts) -> list of (B, L) arrays``.
+    """
+
+    image_dim: int
+    text_dim: int
+    dtype: str
+
+    def __init__(self, preprocessing: ImagePreprocessing, identity: dict, dtype: str, batch_size: int | None,
+                 mesh=None):
+        self.preprocessing = preprocessing
+        self.dtype = dtype
+        self.batch_size = batch_size or _default_batch_size()
+        self.mesh = mesh or parallel.data_mesh()
+        self.identity = {**identity, "dtype": dtype, "preprocessing": preprocessing.to_dict()}
+        self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+
+    # -- host side -------------------------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one prepared image: uint8 (h, w, 3)."""
+        return (*self.preprocessing.crop_size, 3)
+
+    def prepare_image(self, image) -> np.ndarray:
+        """One image (uint8 array of any size, grayscale/RGBA, or PIL) -> the model's uint8 (h, w, 3) input."""
+        return resize_and_crop(as_rgb_uint8(image), self.preprocessing)
+
+    # -- device side -----------------------------------------------------------------------------------------
+    def _precision(self):
+        # Matmuls in full float32 (TPUs otherwise round f32 inputs to bf16); bfloat16 models use the default.
+        return jax.default_matmul_precision("highest" if self.dtype == "float32" else "default")
+
+    def features_of_prepared(self, pixels: np.ndarray):
+        """A full batch of prepared images, uint8 (B, h, w, 3) with B a multiple of the device count -> float32
+        (B, image_dim) as a device array, dispatched asynchronously (call ``np.asarray`` on it to wait)."""
+        with self._precision():
+            x = jax.device_put(pixels, parallel.batch_sharding(self.mesh))
+            return self._image_features(self._image_state, x)
+
+    def _run(self, fn: Callable, state, n: int, batch_size: int | None, make_batch: Callable, desc: str,
+             progress: bool):
+        """Run fn over n items in fixed-shape, device-sharded batches; the last batch is padded, never recompiled."""
+        n_dev = self.mesh.devices.size
+        b = parallel.padded_batch_size(n, batch_size or self.batch_size, n_dev)
+        sharding = parallel.batch_sharding(self.mesh)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=desc, unit="img" if desc == "images" else "txt")
+        pending, results = None, []
+        with self._precision():
+            for start in range(0, n, b):
+                stop = min(n, start + b)
+                inputs = [jax.device_put(parallel.pad_rows(x, b), sharding) for x in make_batch(start, stop)]
+                out = fn(state, *inputs)  # dispatch is asynchronous: the host prepares the next batch meanwhile
+                if pending is not None:
+                    results.append(np.asarray(pending[0])[: pending[1]])
+                    if bar is not None:
+                        bar.update(pending[1])
+                pending = (out, stop - start)
+            if pending is not None:
+                results.append(np.asarray(pending[0])[: pending[1]])
+                if bar is not None:
+                    bar.update(pending[1])
+        if bar is not None:
+            bar.close()
+        return np.concatenate(results) if results else None
+
+    def encode_images(self, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """uint8 images (N, H, W, 3), (N, H, W) grayscale, (N, H, W, 4) RGBA, or a list of PIL images / arrays of
+        any sizes -> float32 (N, image_dim)."""
+        if isinstance(images, np.ndarray) and images.ndim in (3, 4) and images.dtype != np.uint8:
+            raise ImageError(f"expected uint8 images, got dtype {images.dtype}. Convert floats in [0, 1] with "
+                             "(x * 255).round().astype(np.uint8)")
+        n = len(images) if isinstance(images, (np.ndarray, list, tuple)) else None
+        if n is None:
+            raise ImageError(f"expected a uint8 array (N, H, W, C) or a list of images, got {type(images).__name__}")
+        if n == 0:
+            return np.zeros((0, self.image_dim), np.float32)
+        make = lambda a, b: [prepare_images(images[a:b], self.preprocessing, self._pool)]  # noqa: E731
+        return self._run(self._image_features, self._image_state, n, batch_size, make, "images", progress)
+
+    def encode_texts(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Strings -> float32 (M, text_dim); texts longer than the model's context are truncated."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a list of strings, not one string; wrap it: [text]")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.text_dim), np.float32)
+        make = lambda a, b: self._tokenize(texts[a:b])  # noqa: E731
+        return self._run(self._text_features, self._text_state, len(texts), batch_size, make, "texts", progress)
+
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class ClipEncoder(Encoder):
     """CLIP image and text towers behind ``encode_images`` / ``encode_texts``."""
 
     def __init__(self, model: CLIPModel, tokenizer, preprocessing: ImagePreprocessing, identity: dict,
                  batch_size: int | None = None, mesh=None):
+        super().__init__(preprocessing, identity, _dtype_name(model.visual_projection.kernel.dtype), batch_size,
+                         mesh)
         self.config = model.config
         self.tokenizer = tokenizer
-        self.preprocessing = preprocessing
-        self.dtype = _dtype_name(model.visual_projection.kernel.dtype)
-        self.batch_size = batch_size or _default_batch_size()
-        self.mesh = mesh or parallel.data_mesh()
-        self.identity = {**identity, "dtype": self.dtype, "preprocessing": preprocessing.to_dict()}
         self.image_dim = self.text_dim = model.config.projection_dim
         self.context_length = model.config.text_config.max_position_embeddings
         graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, parallel.replicated(self.mesh))
-        self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+        self._state = self._image_state = self._text_state = jax.device_put(state, parallel.replicated(self.mesh))
         mean = jnp.asarray(preprocessing.image_mean, jnp.float32)
         std = jnp.asarray(preprocessing.image_std, jnp.float32)
         compute = DTYPES[self.dtype]
@@ -80,67 +181,12 @@ class ClipEncoder:
                 f"text {t.num_hidden_layers}x{t.hidden_size}, dim {self.image_dim}, {self.dtype}, "
                 f"{len(self.mesh.devices.flat)} device(s))")
 
-    def _run(self, fn: Callable, n: int, batch_size: int | None, make_batch: Callable, desc: str, progress: bool):
-        """Run fn over n items in fixed-shape, device-sharded batches; the last batch is padded, never recompiled."""
-        n_dev = self.mesh.devices.size
-        b = parallel.padded_batch_size(n, batch_size or self.batch_size, n_dev)
-        sharding = parallel.batch_sharding(self.mesh)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc=desc, unit="img" if desc == "images" else "txt")
-        pending, results = None, []
-        # Matmuls in full float32 (TPUs otherwise round f32 inputs to bf16); bfloat16 models use the default.
-        precision = "highest" if self.dtype == "float32" else "default"
-        with jax.default_matmul_precision(precision):
-            for start in range(0, n, b):
-                stop = min(n, start + b)
-                inputs = [jax.device_put(parallel.pad_rows(x, b), sharding) for x in make_batch(start, stop)]
-                out = fn(self._state, *inputs)  # dispatch is asynchronous: the host prepares the next batch meanwhile
-                if pending is not None:
-                    results.append(np.asarray(pending[0])[: pending[1]])
-                    if bar is not None:
-                        bar.update(pending[1])
-                pending = (out, stop - start)
-            if pending is not None:
-                results.append(np.asarray(pending[0])[: pending[1]])
-                if bar is not None:
-                    bar.update(pending[1])
-        if bar is not None:
-            bar.close()
-        return np.concatenate(results) if results else None
-
-    def encode_images(self, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        """uint8 images (N, H, W, 3), (N, H, W) grayscale, (N, H, W, 4) RGBA, or a list of PIL images / arrays of
-        any sizes -> float32 (N, image_dim)."""
-        if isinstance(images, np.ndarray) and images.ndim in (3, 4) and images.dtype != np.uint8:
-            raise ImageError(f"expected uint8 images, got dtype {images.dtype}. Convert floats in [0, 1] with "
-                             "(x * 255).round().astype(np.uint8)")
-        n = len(images) if isinstance(images, (np.ndarray, list, tuple)) else None
-        if n is None:
-            raise ImageError(f"expected a uint8 array (N, H, W, C) or a list of images, got {type(images).__name__}")
-        if n == 0:
-            return np.zeros((0, self.image_dim), np.float32)
-        make = lambda a, b: [prepare_images(images[a:b], self.preprocessing, self._pool)]  # noqa: E731
-        return self._run(self._image_features, n, batch_size, make, "images", progress)
-
-    def encode_texts(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        """Strings -> float32 (M, text_dim); longer than the context (77 tokens for CLIP) are truncated."""
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         if self.tokenizer is None:
             raise CheckpointError("this encoder was loaded without a tokenizer; pass tokenizer=<folder or hub id> "
                                   "to load_encoder")
-        if isinstance(texts, str):
-            raise TypeError("encode_texts takes a list of strings, not one string; wrap it: [text]")
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.text_dim), np.float32)
-
-        def make(a, b):
-            ids, mask = tokenize(self.tokenizer, texts[a:b], self.context_length)
-            return [ids, mask]
-
-        return self._run(self._text_features, len(texts), batch_size, make, "texts", progress)
+        ids, mask = tokenize(self.tokenizer, texts, self.context_length)
+        return [ids, mask]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -155,7 +201,7 @@ def register_encoder(name: str, factory: Callable[..., object]) -> None:
 
 
 def load_encoder(spec, dtype=jnp.float32, *, tokenizer: str | None = None, activation: str | None = None,
-                 revision: str | None = None, batch_size: int | None = None, mesh=None) -> ClipEncoder:
+                 revision: str | None = None, batch_size: int | None = None, mesh=None) -> Encoder:
     """Load an encoder from a spec.
 
     spec: a folder written by ``CLIPModel.save_pretrained`` (with its tokenizer and preprocessor files); a hub id
