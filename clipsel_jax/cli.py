@@ -28,6 +28,7 @@ def cmd_embed(args) -> int:
     from clipsel_jax import load_encoder
     from clipsel_jax.data.sources import image_folder
     from clipsel_jax.embed import embed
+    from clipsel_jax.text import DEFAULT_TEMPLATE
 
     source = image_folder(args.data, args.subdir)
     print(f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}", file=sys.stderr)
@@ -35,7 +36,8 @@ def cmd_embed(args) -> int:
     enc = load_encoder(args.encoder, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                        activation=args.activation, batch_size=args.batch_size)
     print(f"encoder: {enc}", file=sys.stderr)
-    emb = embed(source, enc, template=args.prompt, limit=args.limit, progress=not args.quiet)
+    emb = embed(source, enc, args.workdir, args.prompt or DEFAULT_TEMPLATE, batch_size=args.batch_size, workers=args.workers,
+                limit=args.limit, progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     emb.save(out)
@@ -72,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder or .zip of <class>/<file> images (archive.zip:inner/dir ok)")
     p.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train)")
     p.add_argument("--out", required=True, help="output .npz (image_emb, labels, ids, text_emb, class_names)")
-    p.add_argument("--prompt", default="A photo of a {}.", help="class prompt template")
+    p.add_argument("--prompt", action="append",
+                   help='class prompt template (default "A photo of a {}."); repeat for an averaged ensemble')
+    p.add_argument("--workdir", help="cache folder: finished chunks are kept, a rerun or a killed run resumes")
+    p.add_argument("--workers", type=int, default=0, help="image decoding worker processes (0: threads)")
     p.add_argument("--limit", type=int, help="only the first N images (in id order)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)

@@ -1,18 +1,36 @@
-"""Embedding a labeled image source: image features for every readable sample, one text feature per class.
+"""Embedding a labeled image source: one feature per readable image, one text feature per class.
 
-Unreadable images are recorded (id, path, reason), excluded, and counted in a warning, never silently dropped.
+The expensive stage, so it is built to be interrupted. Samples are processed in chunks of ``chunk_size`` (ranges
+of the source's sample order); each finished chunk is written to ``workdir/embeddings/<key>/`` with its checksum
+in a manifest, atomically, so a run killed at any point resumes at the first unfinished chunk. ``<key>`` hashes
+the encoder's identity (weights, dtype, preprocessing), the source's fingerprint and the chunk size: a cache made
+with another encoder or another data set lives under another key and is never mixed in.
+
+Images flow through a grain pipeline: reading, decoding and the model's resize + crop run in parallel threads (or
+worker processes), then batches of a fixed global size (the last one padded) are split across the data axis of
+the device mesh; with several processes each reads only its own slice of every batch. Unreadable images are
+recorded (id, path, reason) in the cache, in the result, and counted in a warning: never dropped silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import jax
 import numpy as np
 
+from clipsel_jax import parallel
+from clipsel_jax.data.preprocess import resize_and_crop
 from clipsel_jax.data.sources import UnreadableImage
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
+
+CACHE_FORMAT = 1
+DEFAULT_CHUNK_SIZE = 2048
 
 
 @dataclass
@@ -22,53 +40,325 @@ class Embeddings:
     ids: np.ndarray  # int64 (N,) stable sample ids of the source
     text_emb: np.ndarray  # float32 (C, D_text), one row per class
     class_names: list[str]
-    prompts: list[str]
-    unreadable: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}
+    prompts: list[str]  # every prompt encoded (C per template)
+    unreadable: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}, excluded from image_emb
 
     def save(self, path) -> None:
         np.savez(path, image_emb=self.image_emb, labels=self.labels, ids=self.ids, text_emb=self.text_emb,
                  class_names=np.array(self.class_names), prompts=np.array(self.prompts),
+                 unreadable=np.array(json.dumps(self.unreadable)),
                  unreadable_ids=np.array([u["id"] for u in self.unreadable], np.int64))
 
+    @classmethod
+    def load(cls, path) -> Embeddings:
+        with np.load(path, allow_pickle=False) as z:
+            unreadable = json.loads(str(z["unreadable"])) if "unreadable" in z else []
+            return cls(z["image_emb"], z["labels"], z["ids"], z["text_emb"], [str(c) for c in z["class_names"]],
+                       [str(p) for p in z["prompts"]], unreadable)
 
-def embed(source, encoder, template: str = DEFAULT_TEMPLATE, batch_size: int = 256, limit: int | None = None,
-          progress: bool = True) -> Embeddings:
-    """Encode every image of `source` (decoded in a thread pool) and one prompt per class."""
-    n = len(source) if limit is None else min(limit, len(source))
-    feats, keep, unreadable = [], [], []
+
+# -------------------------------------------------------------------------------------------------------------
+# Class prompts
+
+
+def class_text_embeddings(encoder, class_names, templates) -> tuple[np.ndarray, list[str]]:
+    """(C, D_text) text features for the classes, and the prompts encoded.
+
+    One template: the encoder's features of "template.format(name)" (as CLIP returns them). Several templates: the
+    CLIP prompt-ensemble recipe, the mean over templates of the L2-normalised features.
+    """
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    if not templates:
+        raise ValueError("prompts: give a template such as 'A photo of a {}.' or a list of templates")
+    per_template = [class_prompts(class_names, t) for t in templates]
+    prompts = [p for ps in per_template for p in ps]
+    feats = encoder.encode_texts(prompts).reshape(len(templates), len(class_names), -1)
+    if len(templates) == 1:
+        return feats[0], prompts
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+    return feats.mean(0).astype(np.float32), prompts
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The input pipeline
+
+
+class _Prepare:
+    """Sample index -> the model's uint8 input and its label; runs in grain's threads or worker processes.
+    Index -1 is padding (the end of the last batch of a chunk)."""
+
+    def __init__(self, source, preprocessing):
+        self.source, self.preprocessing = source, preprocessing
+        self.shape = (*preprocessing.crop_size, 3)
+
+    def __call__(self, i):
+        i = int(i)
+        if i < 0:
+            return i, np.zeros(self.shape, np.uint8), -1, ""
+        try:
+            image, label = self.source.read_example(i)
+            return i, resize_and_crop(image, self.preprocessing), int(label), ""
+        except UnreadableImage as e:
+            return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), str(e) or "unreadable"
+        except ValueError as e:  # e.g. a decoded image of zero size
+            return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    idx, pixels, labels, reasons = zip(*items)
+    return np.asarray(idx, np.int64), np.stack(pixels), np.asarray(labels, np.int64), list(reasons)
+
+
+def _pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, threads: int, workers: int):
+    """An iterator of process-local batches over `rows` (already padded and sliced for this process)."""
+    import grain
+
+    ds = grain.MapDataset.source(rows.tolist()).map(_Prepare(source, preprocessing))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * local_batch, 64)))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain < 0.2.19 reads its absl flags in mp_prefetch (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it.batch(local_batch, batch_fn=_collate))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _savez(path: Path, **arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the temporary name
+        np.savez(f, **arrays)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename: a reader (or a resumed run) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class EmbeddingCache:
+    """``<workdir>/embeddings/<key>/``: manifest.json, chunk_NNNNNN.npz, text_<hash>.npz, unreadable.json."""
+
+    def __init__(self, workdir, identity: dict, num_samples: int, chunk_size: int):
+        self.identity = {"format": CACHE_FORMAT, **identity, "num_samples": num_samples, "chunk_size": chunk_size}
+        key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(workdir) / "embeddings" / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.dir / "manifest.json"
+        self.chunks: dict[int, dict] = {}
+        if self.manifest_path.is_file():
+            try:
+                manifest = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError:
+                manifest = None
+            if manifest is None or manifest.get("identity") != self.identity:
+                warnings.warn(f"embedding cache manifest {self.manifest_path} is unreadable or belongs to other "
+                              "inputs; recomputing its chunks", stacklevel=3)
+            else:
+                self.chunks = {int(j): c for j, c in manifest["chunks"].items()}
+
+    def chunk_path(self, j: int) -> Path:
+        return self.dir / f"chunk_{j:06d}.npz"
+
+    def valid(self, j: int) -> bool:
+        """Chunk j is listed and its file has the recorded checksum (a damaged file is recomputed)."""
+        entry = self.chunks.get(j)
+        if entry is None:
+            return False
+        path = self.chunk_path(j)
+        if path.is_file() and _sha256(path) == entry["sha256"]:
+            return True
+        warnings.warn(f"embedding cache chunk {path} is missing or damaged (checksum mismatch); recomputing it",
+                      stacklevel=3)
+        del self.chunks[j]
+        return False
+
+    def put(self, j: int, ids, labels, emb, reasons) -> None:
+        path = self.chunk_path(j)
+        ok = np.array([not r for r in reasons], bool)
+        _write_atomic(path, lambda t: _savez(t, ids=ids, labels=labels, emb=emb, ok=ok,
+                                             reasons=np.array(reasons, dtype=str)))
+        self.chunks[j] = {"file": path.name, "sha256": _sha256(path), "rows": int(len(ids)),
+                          "unreadable": int((~ok).sum())}
+        manifest = {"identity": self.identity, "chunks": {str(k): v for k, v in sorted(self.chunks.items())}}
+        _write_atomic(self.manifest_path, lambda t: Path(t).write_text(json.dumps(manifest, indent=1)))
+
+    def get(self, j: int) -> dict:
+        with np.load(self.chunk_path(j), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# embed
+
+
+def _check_source(source) -> None:
+    missing = [a for a in ("__len__", "read_example", "label_of", "describe", "fingerprint", "class_names", "ids")
+               if not hasattr(source, a)]
+    if missing:
+        raise TypeError(f"embed needs a clipsel_jax source (lacking {', '.join(missing)} on "
+                        f"{type(source).__name__}); wrap arrays with clipsel_jax.data.from_arrays(images, labels, "
+                        "class_names), a folder with data.image_folder(path), TFDS with data.tfds_source(name)")
+
+
+def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size: int | None = None,
+          chunk_size: int = DEFAULT_CHUNK_SIZE, threads: int | None = None, workers: int = 0,
+          limit: int | None = None, progress: bool = True) -> Embeddings:
+    """Encode every image of `source` and one prompt per class with `encoder`.
+
+    workdir: where the chunked cache lives (None: in memory only, nothing resumable).
+    prompts: a template with "{}" for the class name, or a list of templates (averaged, CLIP's prompt ensemble).
+    batch_size: global batch per step (rounded up to a multiple of the device count; default the encoder's).
+    chunk_size: samples per cache chunk: the most work a kill can lose.
+    threads / workers: grain read threads per process (default 2 x CPUs) / worker processes (0: threads only).
+    limit: only the first `limit` samples in source order.
+    """
+    _check_source(source)
+    n = len(source) if limit is None else min(int(limit), len(source))
+    if n <= 0:
+        raise ValueError(f"the source has no samples to embed ({source!r})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    mesh = encoder.mesh
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    global_batch = parallel.round_up(batch_size or encoder.batch_size, n_dev)
+    local_batch = global_batch // n_proc
+    threads = threads or 2 * (os.cpu_count() or 1)
+
+    n_total = len(source)
+    n_chunks = -(-n // chunk_size)
+    ranges = [(j * chunk_size, min((j + 1) * chunk_size, n_total)) for j in range(n_chunks)]
+    identity = {"encoder": encoder.identity, "source": source.fingerprint()}
+    cache = EmbeddingCache(workdir, identity, n_total, chunk_size) if workdir is not None else None
+    done = {j for j in range(n_chunks) if cache is not None and cache.valid(j)}
+    todo = [j for j in range(n_chunks) if j not in done]
+    memory: dict[int, dict] = {}
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="embedding", unit="img")
+        cached = sum(ranges[j][1] - ranges[j][0] for j in done)
+        bar = tqdm(total=sum(b - a for a, b in ranges), initial=cached, desc="embedding images", unit="img",
+                   smoothing=0.1)
+        if cached:
+            state = "all done" if not todo else "resuming"
+            bar.write(f"embedding cache {cache.dir}: {len(done)} of {n_chunks} chunks done, {state}")
 
-    def read(i):
-        try:
-            return source.read(i)
-        except UnreadableImage as e:
-            return e
-
-    with ThreadPoolExecutor(8) as pool:
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            images = []
-            for i, img in zip(idx, pool.map(read, idx)):
-                if isinstance(img, UnreadableImage):
-                    unreadable.append({"id": int(source.ids[i]), "path": source.describe(i), "reason": str(img)})
-                else:
-                    images.append(img)
-                    keep.append(i)
-            if images:
-                feats.append(encoder.encode_images(images))
-            if bar is not None:
-                bar.update(len(idx))
+    if todo:
+        # Each chunk is padded to whole global batches (-1 = padding); this process reads its slice of each.
+        padded = [np.concatenate([np.arange(a, b), -np.ones(parallel.round_up(b - a, global_batch) - (b - a), int)])
+                  for a, b in (ranges[j] for j in todo)]
+        rows = np.concatenate(padded).reshape(-1, n_proc, local_batch)[:, jax.process_index()].reshape(-1)
+        batches = _pipeline(rows, source, encoder.preprocessing, local_batch, threads, workers)
+        for j, chunk_rows in zip(todo, padded):
+            memory_or_cache = _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar)
+            if cache is not None:
+                cache.put(j, *memory_or_cache)
+            else:
+                memory[j] = dict(zip(("ids", "labels", "emb", "reasons"), memory_or_cache))
     if bar is not None:
         bar.close()
+
+    parts = [memory[j] if j in memory else cache.get(j) for j in range(n_chunks)]
+    ids = np.concatenate([p["ids"] for p in parts])[:n]
+    labels = np.concatenate([p["labels"] for p in parts])[:n]
+    emb = np.concatenate([p["emb"] for p in parts])[:n]
+    reasons = np.concatenate([np.asarray(p["reasons"], dtype=str) for p in parts])[:n]
+    ok = reasons == ""
+    unreadable = [{"id": int(source.ids[i]), "path": source.describe(int(i)), "reason": str(reasons[i])}
+                  for i in np.flatnonzero(~ok)]
+    if cache is not None:
+        _write_atomic(cache.dir / "unreadable.json", lambda t: Path(t).write_text(json.dumps(unreadable, indent=1)))
     if unreadable:
-        warnings.warn(f"{len(unreadable)} of {n} images could not be read and are excluded "
-                      f"(first: {unreadable[0]['path']}: {unreadable[0]['reason']})", stacklevel=2)
-    keep = np.asarray(keep, np.int64)
-    prompts = class_prompts(source.class_names, template)
-    return Embeddings(np.concatenate(feats) if feats else np.zeros((0, encoder.image_dim), np.float32),
-                      source.labels[keep], source.ids[keep], encoder.encode_texts(prompts), list(source.class_names),
-                      prompts, unreadable)
+        warnings.warn(f"{len(unreadable)} of {n} images could not be read and are excluded (listed in the result's "
+                      f"`unreadable`{' and ' + str(cache.dir / 'unreadable.json') if cache else ''}; first: "
+                      f"{unreadable[0]['path']}: {unreadable[0]['reason']})", stacklevel=2)
+    text_emb, prompt_list = _text(encoder, source.class_names, prompts, cache)
+    return Embeddings(emb[ok], labels[ok], source.ids[ids[ok]], text_emb, list(source.class_names), prompt_list,
+                      unreadable)
+
+
+def _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar):
+    """Encode one chunk's batches; the device works on batch b while the host collects batch b - 1."""
+    n_batches = len(chunk_rows) // global_batch
+    lo = jax.process_index() * local_batch
+    feats, labels, reasons, pending = [], [], [], None
+    for b in range(n_batches):
+        idx, pixels, lab, why = next(batches)
+        expected = chunk_rows[b * global_batch + lo: b * global_batch + lo + local_batch]
+        if not np.array_equal(idx, expected):  # the pipeline must never reorder or drop samples
+            raise RuntimeError(f"input pipeline returned samples {idx[:4]}... where {expected[:4]}... were due")
+        out = encoder.features_of_prepared(pixels)
+        if pending is not None:
+            feats.append(_gather(pending))
+        pending = out
+        labels.append(_gather_host(lab))
+        reasons.extend(_gather_strings(why))
+        if bar is not None:
+            bar.update(int((chunk_rows[b * global_batch:(b + 1) * global_batch] >= 0).sum()))
+    feats.append(_gather(pending))
+    real = chunk_rows >= 0
+    ids = chunk_rows[real]
+    labels = np.concatenate(labels)[real]
+    emb = np.concatenate(feats)[real].astype(np.float32)
+    reasons = [r for r, keep in zip(reasons, real) if keep]
+    emb[[bool(r) for r in reasons]] = 0.0  # rows of unreadable images carry no features
+    return ids, labels, emb, reasons
+
+
+def _gather(y) -> np.ndarray:
+    """A batch-sharded device array -> the full numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(y)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+
+def _gather_host(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _gather_strings(reasons: list[str], width: int = 240) -> list[str]:
+    """Each process's failure reasons -> the whole batch's, in row order (as fixed-width UTF-8 bytes)."""
+    if jax.process_count() == 1:
+        return list(reasons)
+    raw = np.zeros((len(reasons), width), np.uint8)
+    for i, r in enumerate(reasons):
+        b = r.encode()[:width]
+        raw[i, :len(b)] = np.frombuffer(b, np.uint8)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in _gather_host(raw)]
+
+
+def _text(encoder, class_names, prompts, cache):
+    templates = [prompts] if isinstance(prompts, str) else list(prompts)
+    if cache is None:
+        return class_text_embeddings(encoder, class_names, templates)
+    key = hashlib.sha256(json.dumps([list(class_names), templates]).encode()).hexdigest()[:16]
+    path = cache.dir / f"text_{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["text_emb"], [str(p) for p in z["prompts"]]
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: recompute
+    text_emb, prompt_list = class_text_embeddings(encoder, class_names, templates)
+    _write_atomic(path, lambda t: _savez(t, text_emb=text_emb, prompts=np.array(prompt_list)))
+    return text_emb, prompt_list

@@ -77,10 +77,13 @@ class Encoder:
         return jax.default_matmul_precision("highest" if self.dtype == "float32" else "default")
 
     def features_of_prepared(self, pixels: np.ndarray):
-        """A full batch of prepared images, uint8 (B, h, w, 3) with B a multiple of the device count -> float32
-        (B, image_dim) as a device array, dispatched asynchronously (call ``np.asarray`` on it to wait)."""
+        """This process's rows of a global batch of prepared images, uint8 (B / processes, h, w, 3), with the
+        global B a multiple of the device count -> float32 (B, image_dim), a batch-sharded device array dispatched
+        asynchronously (``np.asarray`` waits; on several processes gather it with process_allgather)."""
+        sharding = parallel.batch_sharding(self.mesh)
+        global_shape = (pixels.shape[0] * jax.process_count(), *pixels.shape[1:])
         with self._precision():
-            x = jax.device_put(pixels, parallel.batch_sharding(self.mesh))
+            x = jax.make_array_from_process_local_data(sharding, pixels, global_shape)
             return self._image_features(self._image_state, x)
 
     def _run(self, fn: Callable, state, n: int, batch_size: int | None, make_batch: Callable, desc: str,

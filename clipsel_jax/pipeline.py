@@ -197,11 +197,13 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
     return np.asarray(state[1])[:n], int(state[0]), float(state[3])
 
 
-def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, template: str | None = None,
-           progress: bool = True, **options) -> Selection:
+def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,
+           embed_options: dict | None = None, progress: bool = True, **options) -> Selection:
     """The whole pipeline: embed `source` with `encoder` (a spec for load_encoder, or an encoder object), adapt,
-    score, select. Embeddings are saved in workdir/embeddings.npz and reused by a rerun with the same encoder and
-    source; adapter and selection checkpoints live in workdir too. `options` go to select_from_embeddings.
+    score, select. Embeddings are cached in chunks under workdir/embeddings (a rerun, or a run resumed after a
+    kill, reuses finished chunks); adapter and selection checkpoints live in workdir too. `prompts`: a template or
+    list of templates (default "A photo of a {}."); `embed_options` go to ``embed`` (batch_size, workers, ...);
+    `options` go to select_from_embeddings.
 
     Returns a Selection whose indices and mask refer to the embedded samples; `meta["ids"]` maps them to the
     source's sample ids (unreadable images are excluded and listed in meta["unreadable"]).
@@ -215,24 +217,13 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enc = load_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
-    template = template or DEFAULT_TEMPLATE
-    identity = {"encoder": enc.identity, "source": source.fingerprint(), "template": template}
-    emb_file, id_file = workdir / "embeddings.npz", workdir / "embeddings.json"
-    if emb_file.is_file() and id_file.is_file() and json.loads(id_file.read_text()) == identity:
-        z = np.load(emb_file)
-        image_emb, labels, ids, text_emb = z["image_emb"], z["labels"], z["ids"], z["text_emb"]
-        unreadable = json.loads(id_file.with_suffix(".unreadable.json").read_text())
-    else:
-        e = embed(source, enc, template=template, progress=progress)
-        e.save(emb_file)
-        id_file.with_suffix(".unreadable.json").write_text(json.dumps(e.unreadable))
-        id_file.write_text(json.dumps(identity))  # written last: marks the embeddings complete
-        image_emb, labels, ids, text_emb, unreadable = e.image_emb, e.labels, e.ids, e.text_emb, e.unreadable
-    sel = select_from_embeddings(image_emb, labels, text_emb, ratio, seed, workdir=workdir, progress=progress,
+    prompts = prompts or DEFAULT_TEMPLATE
+    e = embed(source, enc, workdir, prompts, progress=progress, **(embed_options or {}))
+    sel = select_from_embeddings(e.image_emb, e.labels, e.text_emb, ratio, seed, workdir=workdir, progress=progress,
                                  **options)
-    sel.meta.update({"ids": ids.tolist(), "unreadable": unreadable, "class_names": list(source.class_names),
-                     "encoder": enc.identity, "template": template})
-    np.savez(workdir / "selection.npz", indices=sel.indices, mask=sel.mask, ids=ids, labels=labels,
-             kept_ids=ids[sel.indices], **sel.scores)
+    sel.meta.update({"ids": e.ids.tolist(), "unreadable": e.unreadable, "class_names": e.class_names,
+                     "encoder": enc.identity, "prompts": e.prompts})
+    np.savez(workdir / "selection.npz", indices=sel.indices, mask=sel.mask, ids=e.ids, labels=e.labels,
+             kept_ids=e.ids[sel.indices], **sel.scores)
     (workdir / "meta.json").write_text(json.dumps({k: v for k, v in sel.meta.items() if k != "ids"}, indent=1))
     return sel

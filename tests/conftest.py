@@ -6,7 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from clip_fixtures import TINY, make_clip_folder  # noqa: E402
 
@@ -31,3 +33,23 @@ def clip_folder_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two classes of small images of several kinds, plus an empty, a truncated and a non-image file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "cat" / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(root / "dog" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(root / "dog" / "deep.png")
+    Image.new("CMYK", (16, 16), (10, 20, 30, 40)).save(root / "dog" / "cmyk.jpg")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    data = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "dog" / "notes.txt").write_text("not an image")  # not an image suffix: not listed
+    return root
