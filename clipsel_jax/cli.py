@@ -27,7 +27,7 @@ def cmd_embed(args) -> int:
 
     from clipsel_jax import load_encoder
     from clipsel_jax.data.sources import image_folder
-    from clipsel_jax.embed import embed
+    from clipsel_jax.embedding import embed
     from clipsel_jax.text import DEFAULT_TEMPLATE
 
     source = image_folder(args.data, args.subdir)

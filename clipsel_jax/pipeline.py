@@ -210,7 +210,7 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
     """
     import json
 
-    from clipsel_jax.embed import embed
+    from clipsel_jax.embedding import embed
     from clipsel_jax.encoder import load_encoder
     from clipsel_jax.text import DEFAULT_TEMPLATE
 

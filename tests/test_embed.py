@@ -17,7 +17,7 @@ from PIL import Image
 import clipsel_jax as cs
 from clipsel_jax import parallel
 from clipsel_jax.data.sources import UnreadableImage
-from clipsel_jax.embed import Embeddings, embed
+from clipsel_jax.embedding import Embeddings, embed
 
 NDEV = 4  # tests/conftest.py forces four CPU devices
 pytestmark = pytest.mark.filterwarnings("ignore:1 files in class folders are not images")
@@ -145,7 +145,7 @@ def test_killed_subprocess_resumes(encoders, clip_folder_factory, tmp_path):
 import os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import numpy as np, clipsel_jax as cs
-from clipsel_jax.embed import embed
+from clipsel_jax.embedding import embed
 z = np.load({str(tmp_path / "data.npz")!r})
 src = cs.data.from_arrays(z["images"], z["labels"], ["cat", "dog", "car"])
 slow = src.read_example
