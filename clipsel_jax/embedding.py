@@ -303,13 +303,13 @@ def _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar
             raise RuntimeError(f"input pipeline returned samples {idx[:4]}... where {expected[:4]}... were due")
         out = encoder.features_of_prepared(pixels)
         if pending is not None:
-            feats.append(_gather(pending))
+            feats.append(parallel.to_host(pending))
         pending = out
         labels.append(_gather_host(lab))
         reasons.extend(_gather_strings(why))
         if bar is not None:
             bar.update(int((chunk_rows[b * global_batch:(b + 1) * global_batch] >= 0).sum()))
-    feats.append(_gather(pending))
+    feats.append(parallel.to_host(pending))
     real = chunk_rows >= 0
     ids = chunk_rows[real]
     labels = np.concatenate(labels)[real]
@@ -319,16 +319,8 @@ def _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar
     return ids, labels, emb, reasons
 
 
-def _gather(y) -> np.ndarray:
-    """A batch-sharded device array -> the full numpy array on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(y)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(y, tiled=True))
-
-
 def _gather_host(x: np.ndarray) -> np.ndarray:
+    """Each process's rows of a global batch (host numpy) -> the whole batch, in process order."""
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils

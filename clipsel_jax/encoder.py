@@ -101,15 +101,16 @@ class Encoder:
         with self._precision():
             for start in range(0, n, b):
                 stop = min(n, start + b)
-                inputs = [jax.device_put(parallel.pad_rows(x, b), sharding) for x in make_batch(start, stop)]
+                inputs = [parallel.global_batch(parallel.pad_rows(x, b), sharding)
+                          for x in make_batch(start, stop)]
                 out = fn(state, *inputs)  # dispatch is asynchronous: the host prepares the next batch meanwhile
                 if pending is not None:
-                    results.append(np.asarray(pending[0])[: pending[1]])
+                    results.append(parallel.to_host(pending[0])[: pending[1]])
                     if bar is not None:
                         bar.update(pending[1])
                 pending = (out, stop - start)
             if pending is not None:
-                results.append(np.asarray(pending[0])[: pending[1]])
+                results.append(parallel.to_host(pending[0])[: pending[1]])
                 if bar is not None:
                     bar.update(pending[1])
         if bar is not None:

@@ -43,3 +43,20 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     if x.shape[0] == rows:
         return x
     return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+
+def global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A batch that every process holds whole -> a global array with the given sharding (each process places only
+    its own devices' rows; on one process this is a device_put)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(y) -> np.ndarray:
+    """A (possibly multi-process) device array -> the whole numpy array, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(y)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(y, tiled=True))

@@ -53,6 +53,21 @@ def test_embed_command(folder, tmp_path, tiny_clip):
     assert z["prompts"].tolist() == ["A photo of a cat.", "A photo of a dog."]
 
 
+def test_embed_command_cache_and_prompt_ensemble(folder, tmp_path, tiny_clip):
+    args = ["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--quiet", "--workdir",
+            str(tmp_path / "cache"), "--prompt", "a {}", "--prompt", "the {}"]
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert main(args + ["--out", str(tmp_path / "a.npz")]) == 0
+    chunks = list((tmp_path / "cache").glob("embeddings/*/chunk_*.npz"))
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert main(args + ["--out", str(tmp_path / "b.npz")]) == 0
+    assert chunks and [c.stat().st_mtime_ns for c in chunks] == stamps  # the rerun read the cache
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(a["image_emb"], b["image_emb"])
+    assert a["prompts"].tolist() == ["a cat", "a dog", "the cat", "the dog"] and a["text_emb"].shape == (2, 16)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["embed", "--encoder", "nowhere/nothing/x", "--data", "DATA", "--out", "o.npz"], "neither an existing folder"),
     (["embed", "--encoder", "ENC", "--data", "/no/such/folder", "--out", "o.npz"], "does not exist"),

@@ -1,0 +1,52 @@
+"""Two processes on this CPU (localhost coordinator, gloo collectives) give the single-process result."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipsel_jax as cs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
+    model = str(clip_folder_factory()[0])
+    port = str(free_port())
+    worker = Path(__file__).with_name("multihost_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, str(tmp_path), model],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    info = [json.loads((tmp_path / f"info{i}.json").read_text()) for i in range(2)]
+    assert info[0]["processes"] == 2 and info[0]["devices"] == 4
+    # Each process read only its own half of every batch; together, every sample once.
+    r0, r1 = set(info[0]["reads"]), set(info[1]["reads"])
+    assert not r0 & r1 and r0 | r1 == set(range(23))
+    assert [u["id"] for u in info[0]["unreadable"]] == [7] == [u["id"] for u in info[1]["unreadable"]]
+    assert "zero size" in info[1]["unreadable"][0]["reason"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (23, 20, 26, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 23)
+    keep = [i for i in range(23) if i != 7]
+    enc = cs.load_encoder(model, batch_size=8)
+    for i in range(2):
+        z = np.load(tmp_path / f"emb{i}.npz")
+        np.testing.assert_array_equal(z["ids"], keep)
+        np.testing.assert_array_equal(z["labels"], labels[keep])
+        np.testing.assert_allclose(z["image_emb"], enc.encode_images(images[keep]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(z["text"], enc.encode_texts(["A photo of a a.", "A photo of a b.",
+                                                                "A photo of a c."]), rtol=1e-5, atol=1e-5)
