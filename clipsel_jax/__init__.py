@@ -4,11 +4,13 @@ from clipsel_jax import data
 from clipsel_jax.adapt import AdaptConfig
 from clipsel_jax.data.preprocess import ImageError
 from clipsel_jax.encoder import ClipEncoder, Encoder, load_encoder, register_encoder
+from clipsel_jax.offline import OfflineEncoder  # registers load_encoder("offline"); loads nothing yet
 from clipsel_jax.pipeline import Selection, select, select_from_embeddings
 from clipsel_jax.selection import SelectionConfig
 from clipsel_jax.weights import CheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptConfig", "CheckpointError", "ClipEncoder", "Encoder", "ImageError", "Selection", "SelectionConfig", "data",
-           "load_encoder", "register_encoder", "select", "select_from_embeddings", "__version__"]
+__all__ = ["AdaptConfig", "CheckpointError", "ClipEncoder", "Encoder", "ImageError", "OfflineEncoder", "Selection",
+           "SelectionConfig", "data", "load_encoder", "register_encoder", "select", "select_from_embeddings",
+           "__version__"]
