@@ -69,6 +69,24 @@ def test_efficientnet_matches_torch_reference(enc):
     assert (np.argmax(logits, 1) == np.argmax(ref_logits, 1)).all()
 
 
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, (9, 12)), (3, 2, (15, 16)), (5, 2, (17, 14)), (5, 1, (7, 7))])
+def test_depthwise_conv_is_lax_grouped_conv_with_same_padding(kernel, stride, size):
+    """The shifted-sum depthwise convolution equals XLA's grouped convolution ("SAME" = TensorFlow's padding), also
+    for odd sizes that 224px inputs never reach."""
+    from flax import nnx
+
+    from clipsel_jax.models.efficientnet import DepthwiseConv
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    conv = DepthwiseConv(6, kernel, stride, dtype=np.float32, rngs=nnx.Rngs(0))
+    conv.bias[...] = rng.standard_normal(6).astype(np.float32)
+    x = rng.standard_normal((2, *size, 6)).astype(np.float32)
+    ref = jax.lax.conv_general_dilated(x, conv.kernel[...][:, :, None, :], (stride, stride), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+                                       precision="highest") + conv.bias[...]
+    np.testing.assert_allclose(np.asarray(conv(x)), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
 def test_minilm_matches_transformers_bert(enc):
     pytest.importorskip("torch")
     tok, model = torch_minilm(offline.minilm_folder())
