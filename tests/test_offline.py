@@ -31,21 +31,13 @@ def photos() -> list[np.ndarray]:
     return [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), rng.integers(0, 256, (180, 240, 3), np.uint8)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """The converted-weights cache of these tests lives in a temporary folder, not the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
-def enc(private_cache):
+def enc():
     return cs.load_encoder("offline", batch_size=8)  # all 4 fake CPU devices (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def enc1(private_cache):
+def enc1():
     return cs.load_encoder("offline", batch_size=8, mesh=parallel.data_mesh(jax.devices()[:1]))
 
 
@@ -131,7 +123,7 @@ def test_four_devices_match_one(enc, enc1):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# The torch-free cache and errors
+# Without torch, and errors
 
 
 SUBPROCESS = """
@@ -145,22 +137,17 @@ print(json.dumps({"torch_imported": sys.modules.get("torch") is not None, "ident
 """
 
 
-def test_cache_makes_torch_unnecessary(enc, tmp_path, monkeypatch):
+def test_weights_read_without_torch_equal_torch_load(enc, tmp_path):
     torch = pytest.importorskip("torch")
-    cache = tmp_path / "xdg"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     pth = offline.efficientnet_file()
     sd, sha = offline.efficientnet_state_dict()
-    files = list((cache / "clipsel_jax").glob("*.safetensors"))
-    assert len(files) == 1 and f"{pth.stat().st_size}-{sha[:16]}" in files[0].name
-    assert not list((cache / "clipsel_jax").glob("*.tmp"))
     raw = torch.load(str(pth), map_location="cpu", weights_only=True)
-    assert set(sd) == {k for k, v in raw.items() if v.is_floating_point()}
+    assert set(sd) == {k for k, v in raw.items() if v.is_floating_point()} and len(sd) == 296 - 49
     for k, v in sd.items():
         np.testing.assert_array_equal(v, raw[k].numpy())
+    assert sha == offline.file_sha256(pth) and sha.startswith("57934424")  # the hash tag in the file name
 
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "feats.npy"
     r = subprocess.run([sys.executable, "-c", SUBPROCESS, str(out)], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
@@ -172,12 +159,11 @@ def test_cache_makes_torch_unnecessary(enc, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(out), enc.encode_images([skdata.chelsea(), skdata.coffee()]))
 
 
-def test_no_cache_and_no_torch_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(cs.CheckpointError, match=r"needs torch.*pip install 'clipsel_jax\[torch\]'.*torch==") as e:
-        cs.load_encoder("offline")
-    assert str(tmp_path / "clipsel_jax") in str(e.value)
+def test_damaged_weight_file_says_reinstall(tmp_path):
+    bad = tmp_path / "efficientnet-lite0-00000000.pth"
+    bad.write_bytes(offline.efficientnet_file().read_bytes()[:100_000])
+    with pytest.raises(cs.CheckpointError, match="not a readable PyTorch state dict.*reinstall"):
+        offline.efficientnet_state_dict(bad)
 
 
 @pytest.mark.parametrize("module", [offline.IMAGE_MODULE, offline.TEXT_MODULE])
@@ -185,18 +171,6 @@ def test_missing_package_says_install_the_extra(monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(cs.CheckpointError, match=r"pip install 'clipsel_jax\[offline\]'"):
         cs.load_encoder("offline")
-
-
-def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    offline.efficientnet_state_dict()
-    (cached,) = (tmp_path / "clipsel_jax").glob("*.safetensors")
-    cached.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="rebuilding"):
-        sd, _ = offline.efficientnet_state_dict()
-    assert len(sd) == 296 - 49  # the .pth's tensors less its 49 num_batches_tracked counters
-    offline.efficientnet_state_dict()  # rebuilt: read back without a warning
 
 
 # -------------------------------------------------------------------------------------------------------------
