@@ -223,7 +223,7 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
     batch_size: global batch per step (rounded up to a multiple of the device count; default the encoder's).
     chunk_size: samples per cache chunk: the most work a kill can lose.
     threads / workers: grain read threads per process (default 2 x CPUs) / worker processes (0: threads only).
-    limit: only the first `limit` samples in source order (the chunks that hold them are embedded whole, and cached).
+    limit: only the first `limit` samples in source order (their chunks are embedded whole, and cached).
     """
     _check_source(source)
     n = len(source) if limit is None else min(int(limit), len(source))

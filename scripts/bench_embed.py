@@ -55,7 +55,8 @@ def main():
     ap.add_argument("--n", type=int, default=1024, help="images (the first n of the training split)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--torch-workers", type=int, default=2, help="DataLoader worker processes")
+    ap.add_argument("--torch-workers", type=int, default=1,
+                    help="DataLoader worker processes (1 was faster than 2 on 2 cores)")
     ap.add_argument("--threads", type=int, default=None, help="grain read threads (default 2 x CPUs)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
