@@ -1,0 +1,150 @@
+"""Train a classifier on a subset (given by indices) and report its accuracy on a clean test split.
+
+The standard CIFAR recipe: SGD with Nesterov momentum 0.9, weight decay, a cosine learning-rate schedule, random
+crop (4-pixel zero padding) and horizontal flip. Data parallel: each global batch is split over the ('data',) mesh,
+parameters are replicated, and batch-norm statistics are taken over the global batch (XLA inserts the
+all-reduce). Everything is seeded: the same seed gives the same model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from clipsel_jax import parallel
+from clipsel_jax.evaluate.models import make_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "small_cnn"  # or "resnet18"
+    width: int | None = None  # channels of the first stage (model default: 32 / 64)
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True  # random crop (pad 4) + horizontal flip
+    min_steps: int = 0  # train at least this many steps (tiny subsets: a fixed budget in steps, not epochs)
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    train_size: int
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, lr
+    config: dict = field(default_factory=dict)
+
+
+def _augment(x, key):
+    """Random crop with 4-pixel zero padding, and a horizontal flip with probability 1/2, per image."""
+    b, h, w, _ = x.shape
+    k1, k2, k3 = jax.random.split(key, 3)
+    padded = jnp.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    dy = jax.random.randint(k1, (b,), 0, 9)
+    dx = jax.random.randint(k2, (b,), 0, 9)
+    crop = jax.vmap(lambda im, y, x_: jax.lax.dynamic_slice(im, (y, x_, 0), (h, w, im.shape[-1])))(padded, dy, dx)
+    flip = jax.random.bernoulli(k3, 0.5, (b,))
+    return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
+
+
+def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_classes: int,
+                     test_images: np.ndarray, test_labels: np.ndarray, indices: np.ndarray | None = None,
+                     config: TrainConfig = TrainConfig(), seed: int = 0, mesh=None,
+                     progress: bool = False) -> TrainResult:
+    """Train `config.model` on train_images[indices] (all when None) with their (possibly noisy) labels;
+    return the accuracy on the test split. Images are uint8 (N, H, W, 3)."""
+    t0 = time.perf_counter()
+    train_images, test_images = np.asarray(train_images), np.asarray(test_images)
+    for name, a in (("train_images", train_images), ("test_images", test_images)):
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+            raise ValueError(f"{name} must be uint8 (N, H, W, 3), got {a.dtype} {a.shape}")
+    idx = np.arange(len(train_images)) if indices is None else np.asarray(indices, np.int64)
+    if len(idx) == 0:
+        raise ValueError("the subset to train on is empty")
+    y_all = np.asarray(train_labels, np.int64)
+    mesh = mesh or parallel.data_mesh()
+    n_dev = mesh.devices.size
+    batch = parallel.round_up(min(config.batch_size, parallel.round_up(len(idx), n_dev)), n_dev)
+    steps_per_epoch = max(1, len(idx) // batch)
+    steps = max(config.epochs * steps_per_epoch, config.min_steps)
+    epochs = -(-steps // steps_per_epoch)
+
+    # Normalisation from the training subset's own statistics (what a user of the subset would do).
+    sample = train_images[idx[:: max(1, len(idx) // 2000)]].astype(np.float32) / 255
+    mean, std = sample.mean((0, 1, 2)), sample.std((0, 1, 2)) + 1e-3
+
+    model = make_model(config.model, num_classes, config.width, seed)
+    schedule = optax.cosine_decay_schedule(config.lr, steps)
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    nnx.update(optimizer, jax.device_put(nnx.state(optimizer), rep))
+    mean_d, std_d = jnp.asarray(mean), jnp.asarray(std)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y, key):
+        x = (x.astype(jnp.float32) / 255 - mean_d) / std_d
+        if config.augment:
+            x = _augment(x, key)
+
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    @nnx.jit
+    def predict(model, x):
+        x = (x.astype(jnp.float32) / 255 - mean_d) / std_d
+        return jnp.argmax(model(x), axis=-1)
+
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    history, step = [], 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"training {config.model}", unit="step")
+    model.train()
+    for epoch in range(epochs):
+        order = rng.permutation(idx)
+        losses = []
+        for b in range(steps_per_epoch):
+            if step >= steps:
+                break
+            rows = order[b * batch:(b + 1) * batch]
+            if len(rows) < batch:  # a subset smaller than one batch: sample it with replacement to fill the batch
+                rows = rng.choice(idx, batch, replace=True)
+            key, sub = jax.random.split(key)
+            x = jax.device_put(train_images[rows], shard)
+            y = jax.device_put(y_all[rows], shard)
+            losses.append(train_step(model, optimizer, x, y, sub))
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        history.append({"epoch": epoch, "loss": float(np.mean([float(v) for v in losses])),
+                        "lr": float(schedule(step))})
+    if bar is not None:
+        bar.close()
+
+    model.eval()
+    correct, eval_batch = 0, parallel.round_up(256, n_dev)
+    for s in range(0, len(test_images), eval_batch):
+        x = test_images[s:s + eval_batch]
+        m = len(x)
+        pred = predict(model, jax.device_put(parallel.pad_rows(x, eval_batch), shard))
+        correct += int((np.asarray(pred)[:m] == np.asarray(test_labels)[s:s + m]).sum())
+    return TrainResult(correct / max(1, len(test_images)), int(len(idx)), step,
+                       round(time.perf_counter() - t0, 2), history, asdict(config))

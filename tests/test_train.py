@@ -1,0 +1,64 @@
+"""The downstream trainer: learns a small separable problem, trains only on the given subset, is seeded."""
+
+import jax
+import numpy as np
+import pytest
+
+from clipsel_jax import parallel
+from clipsel_jax.evaluate import TrainConfig, make_model, train_classifier
+from clipsel_jax.evaluate.models import param_count
+
+
+def toy(n, seed):
+    """Class k: a bright square in quadrant k of a noisy 16x16 image."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 90, (n, 16, 16, 3)).astype(np.uint8)
+    for i, k in enumerate(y):
+        r, c = divmod(int(k), 2)
+        x[i, r * 8 + 1:r * 8 + 7, c * 8 + 1:c * 8 + 7] = 230
+    return x, y
+
+
+CFG = TrainConfig(width=8, epochs=4, batch_size=32, lr=0.05, augment=False)
+
+
+def test_learns_a_separable_problem():
+    x, y = toy(256, 0)
+    xt, yt = toy(200, 1)
+    res = train_classifier(x, y, 4, xt, yt, config=CFG, seed=0)
+    assert res.test_accuracy > 0.9, res
+    assert res.steps == 4 * 8 and res.train_size == 256
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_trains_only_on_the_subset_and_is_seeded():
+    x, y = toy(256, 0)
+    xt, yt = toy(200, 1)
+    only_01 = np.flatnonzero(y < 2)
+    res = train_classifier(x, y, 4, xt, yt, indices=only_01, config=CFG, seed=0)
+    assert res.train_size == len(only_01)
+    assert 0.35 < res.test_accuracy < 0.6  # classes 2 and 3 were never seen: about half the test set right
+    again = train_classifier(x, y, 4, xt, yt, indices=only_01, config=CFG, seed=0)
+    assert again.test_accuracy == res.test_accuracy and again.history == res.history
+
+
+def test_augmented_training_on_one_device_and_tiny_subsets():
+    x, y = toy(64, 0)
+    xt, yt = toy(64, 1)
+    one = parallel.data_mesh(jax.devices()[:1])
+    res = train_classifier(x, y, 4, xt, yt, indices=np.arange(5), mesh=one,
+                           config=TrainConfig(width=8, epochs=1, batch_size=32, min_steps=3), seed=1)
+    assert res.steps == 3 and 0 <= res.test_accuracy <= 1
+
+
+def test_models_and_errors():
+    assert param_count(make_model("resnet18", 10)) == pytest.approx(11.17e6, rel=0.01)  # the CIFAR ResNet-18
+    assert make_model("small_cnn", 10)(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("vgg", 10)
+    x, y = toy(8, 0)
+    with pytest.raises(ValueError, match="empty"):
+        train_classifier(x, y, 4, x, y, indices=[], config=CFG)
+    with pytest.raises(ValueError, match="uint8"):
+        train_classifier(x.astype(np.float32), y, 4, x, y, config=CFG)
