@@ -28,6 +28,7 @@ from clipsel_jax import parallel
 from clipsel_jax.data.preprocess import resize_and_crop
 from clipsel_jax.data.sources import UnreadableImage
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
+from clipsel_jax.weights import file_sha256
 
 CACHE_FORMAT = 1
 DEFAULT_CHUNK_SIZE = 2048
@@ -128,14 +129,6 @@ def _pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, threads
 # The cache
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _savez(path: Path, **arrays) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the temporary name
         np.savez(f, **arrays)
@@ -178,7 +171,7 @@ class EmbeddingCache:
         if entry is None:
             return False
         path = self.chunk_path(j)
-        if path.is_file() and _sha256(path) == entry["sha256"]:
+        if path.is_file() and file_sha256(path) == entry["sha256"]:
             return True
         warnings.warn(f"embedding cache chunk {path} is missing or damaged (checksum mismatch); recomputing it",
                       stacklevel=3)
@@ -190,7 +183,7 @@ class EmbeddingCache:
         ok = np.array([not r for r in reasons], bool)
         _write_atomic(path, lambda t: _savez(t, ids=ids, labels=labels, emb=emb, ok=ok,
                                              reasons=np.array(reasons, dtype=str)))
-        self.chunks[j] = {"file": path.name, "sha256": _sha256(path), "rows": int(len(ids)),
+        self.chunks[j] = {"file": path.name, "sha256": file_sha256(path), "rows": int(len(ids)),
                           "unreadable": int((~ok).sum())}
         manifest = {"identity": self.identity, "chunks": {str(k): v for k, v in sorted(self.chunks.items())}}
         _write_atomic(self.manifest_path, lambda t: Path(t).write_text(json.dumps(manifest, indent=1)))

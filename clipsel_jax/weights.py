@@ -7,6 +7,7 @@ tensors together.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -171,6 +172,12 @@ def build_clip_model(config: CLIPConfig, state_dict: dict[str, np.ndarray], dtyp
             continue
         filled.append((path, var.replace(jnp.asarray(array, dtype=var.dtype))))
     unexpected = [k for k in state_dict if k not in used and not IGNORED_KEYS.search(k)]
+    check_tensor_names(source, "the CLIP architecture of its config", missing, unexpected, misshaped)
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def check_tensor_names(source: str, what: str, missing, unexpected, misshaped) -> None:
+    """One CheckpointError naming every missing, unexpected and mis-shaped tensor, if there are any."""
     problems = []
     if missing:
         problems.append(f"missing tensors: {_list_names(missing)}")
@@ -179,8 +186,15 @@ def build_clip_model(config: CLIPConfig, state_dict: dict[str, np.ndarray], dtyp
     if misshaped:
         problems.append(f"tensors with the wrong shape: {_list_names(misshaped)}")
     if problems:
-        raise CheckpointError(f"{source} does not match the CLIP architecture of its config: " + "; ".join(problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+        raise CheckpointError(f"{source} does not match {what}: " + "; ".join(problems))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,8 +244,6 @@ def read_hf_folder(folder: str | os.PathLike, identity: dict | None = None) -> C
 
 def _weights_fingerprint(files) -> str:
     """Cheap identity of weight files: name, size and the first and last MiB (hashing GBs would take seconds)."""
-    import hashlib
-
     h = hashlib.sha256()
     for f in files:
         f = Path(f)

@@ -64,8 +64,6 @@ def torch_loop(sas, sds, k, alpha=0.1, beta=2.0, cap_s=120.0, max_steps=100_000)
 
 def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, reference_threshold: int | None,
              storage: str = "float32"):
-    import numpy as np
-
     import clipsel_jax as cs
     from clipsel_jax.scores import minmax
 

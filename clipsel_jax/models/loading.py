@@ -13,7 +13,7 @@ def build_from_arrays(make: Callable[[], nnx.Module], arrays: dict[str, np.ndarr
     """``make()`` (built abstractly, no random init) with every parameter taken from ``arrays``, keyed by the
     dotted parameter path (``blocks.3.depthwise.kernel``) and already in NNX layout. Missing, unexpected and
     mis-shaped arrays are reported together in one ``CheckpointError``."""
-    from clipsel_jax.weights import CheckpointError, _list_names
+    from clipsel_jax.weights import check_tensor_names
 
     graphdef, state = nnx.split(nnx.eval_shape(make))
     used, missing, misshaped, filled = set(), [], [], []
@@ -28,14 +28,5 @@ def build_from_arrays(make: Callable[[], nnx.Module], arrays: dict[str, np.ndarr
             misshaped.append(f"{name} {array.shape} (expected {tuple(var.shape)})")
             continue
         filled.append((path, var.replace(jnp.asarray(array, dtype=var.dtype))))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_list_names(missing)}")
-    unexpected = set(arrays) - used
-    if unexpected:
-        problems.append(f"unexpected tensors: {_list_names(unexpected)}")
-    if misshaped:
-        problems.append(f"tensors with the wrong shape: {_list_names(misshaped)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model's architecture: " + "; ".join(problems))
+    check_tensor_names(source, "the model's architecture", missing, set(arrays) - used, misshaped)
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
