@@ -76,3 +76,38 @@ def test_errors():
         bl.herding(x, y, 3, 0.0)
     with pytest.raises(ValueError, match="labels must be in"):
         bl.moderate_ds(x, y, 2, 0.5)
+
+
+def test_dynamics_scores_and_hardest():
+    correct = np.array([[0, 1, 1, 0],   # epoch 0   sample 0: learned at 1, forgotten at 3 -> 1 event
+                        [1, 0, 1, 0],   # epoch 1   sample 1: forgotten at 1 and 3 -> 2; sample 3: never -> 5
+                        [1, 1, 1, 0],   # epoch 2   sample 2: never forgotten -> 0
+                        [0, 0, 1, 0]], bool)
+    run = {"el2n": np.tile([0.1, 0.9, 0.2, 0.5], (4, 1)), "grand": np.tile([1.0, 3.0, 2.0, 0.0], (4, 1)),
+           "correct": correct}
+    sc = bl.dynamics_scores([run, run])
+    np.testing.assert_array_equal(sc["forgetting"], [2, 4, 0, 10])
+    np.testing.assert_allclose(sc["el2n"], [0.1, 0.9, 0.2, 0.5])
+    np.testing.assert_array_equal(bl.hardest(sc["el2n"], 0.5), [1, 3])
+    np.testing.assert_array_equal(bl.hardest(sc["grand"], 0.25), [1])
+    np.testing.assert_array_equal(bl.hardest(sc["forgetting"], 0.5), [1, 3])
+
+
+def test_herding_matches_the_direct_formula():
+    from clipsel_jax.selection import class_quotas
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 16)), rng.integers(0, 3, 300)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    want = []
+    for c, q in enumerate(class_quotas(y, 3, 120)):
+        m = np.flatnonzero(y == c)
+        mu, total, chosen = xn[m].mean(0), np.zeros(16), np.zeros(len(m), bool)
+        for t in range(q):
+            gap = (((total + xn[m]) / (t + 1) - mu) ** 2).sum(1)
+            gap[chosen] = np.inf
+            i = int(np.argmin(gap))
+            chosen[i] = True
+            total += xn[m][i]
+            want.append(m[i])
+    np.testing.assert_array_equal(bl.herding(x, y, 3, 0.4), np.sort(want))

@@ -62,3 +62,15 @@ def test_models_and_errors():
         train_classifier(x, y, 4, x, y, indices=[], config=CFG)
     with pytest.raises(ValueError, match="uint8"):
         train_classifier(x.astype(np.float32), y, 4, x, y, config=CFG)
+
+
+def test_training_dynamics_are_recorded():
+    x, y = toy(96, 0)
+    noisy = y.copy()
+    noisy[:12] = (y[:12] + 1) % 4  # mislabeled: hard to fit, high EL2N
+    res = train_classifier(x, noisy, 4, x[:8], y[:8], indices=np.arange(96), config=CFG, seed=0,
+                           track_dynamics=True)
+    dyn = res.dynamics
+    assert dyn["el2n"].shape == (4, 96) and dyn["grand"].shape == (4, 96) and dyn["correct"].dtype == bool
+    assert dyn["el2n"][-1][:12].mean() > dyn["el2n"][-1][12:].mean() + 0.3
+    assert np.all(dyn["grand"] >= dyn["el2n"] - 1e-6)  # the gradient norm carries a factor sqrt(|h|^2 + 1) >= 1

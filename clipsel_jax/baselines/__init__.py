@@ -13,6 +13,9 @@ class's quota round(ratio * n_c) (adjusted to sum to k, as the method's class-ba
   budget over them, smallest stratum first.
 - ``confident_learning``: cleanlab's ``find_label_issues`` on 5-fold cross-validated predictions of a logistic
   regression probe on the embeddings; the flagged samples are removed, then random sampling per class.
+- ``dynamics_scores`` + ``hardest``: EL2N, GraNd (Paul et al., NeurIPS 2021) and Forgetting (Toneva et al., ICLR
+  2019) from short runs of the downstream trainer (``train_classifier(..., track_dynamics=True)``); as in their
+  papers the hardest (highest-scoring) samples are kept, over the whole data set.
 """
 
 from __future__ import annotations
@@ -75,17 +78,21 @@ def herding(features, labels, num_classes: int, ratio: float, seed: int = 0) -> 
         members = np.flatnonzero(y == c)
         xc = x[members]
         mu = xc.mean(0)
+        sq, to_mu = (xc * xc).sum(1), xc @ mu
+        dots = np.zeros(len(members), np.float64)  # x_i . (sum of the chosen), kept up to date by one matvec a step
+        total_sq = total_mu = 0.0
         chosen = np.zeros(len(members), bool)
-        total = np.zeros_like(mu)
         picks = []
         for t in range(quota[c]):
-            # || mu - (total + x_i) / (t + 1) ||^2 for every candidate, from one matrix-vector product
-            cand = (total + xc) / (t + 1)
-            gap = ((cand - mu) ** 2).sum(1)
+            # || (total + x_i) / (t + 1) - mu ||^2 up to a constant, for every candidate
+            m = t + 1
+            gap = (total_sq + 2 * dots + sq) / m**2 - 2 * (total_mu + to_mu) / m
             gap[chosen] = np.inf
             i = int(np.argmin(gap))
             chosen[i] = True
-            total += xc[i]
+            total_sq += 2 * dots[i] + sq[i]
+            total_mu += to_mu[i]
+            dots += xc @ xc[i]
             picks.append(members[i])
         keep.append(np.asarray(picks, np.int64))
     return np.sort(np.concatenate(keep))
@@ -167,6 +174,30 @@ def confident_learning(features, labels, num_classes: int, ratio: float, seed: i
     probs = probe_predictions(features, y, num_classes, seed=seed) if pred_probs is None else pred_probs
     issues = find_label_issues(y, probs)
     return random_subset(y, num_classes, ratio, seed, candidates=np.flatnonzero(~issues))
+
+
+def dynamics_scores(runs: list[dict], epoch: int = -1) -> dict[str, np.ndarray]:
+    """EL2N and GraNd at `epoch` averaged over runs (seeds), and Forgetting: the number of times a sample went from
+    correct to wrong between consecutive epochs, summed over runs; a sample never learned in a run counts as
+    forgotten more often than any other (epochs + 1), as Toneva et al. rank unlearned examples first."""
+    el2n = np.mean([r["el2n"][epoch] for r in runs], axis=0)
+    grand = np.mean([r["grand"][epoch] for r in runs], axis=0)
+    forgetting = np.zeros_like(el2n)
+    for r in runs:
+        c = np.asarray(r["correct"], bool)
+        events = (c[:-1] & ~c[1:]).sum(0).astype(np.float64)
+        forgetting += np.where(c.any(0), events, c.shape[0] + 1)
+    return {"el2n": el2n, "grand": grand, "forgetting": forgetting}
+
+
+def hardest(scores, ratio: float, seed: int = 0) -> np.ndarray:
+    """The round(ratio * N) highest scores (ties broken at random, seeded)."""
+    s = np.asarray(scores, np.float64)
+    k = int(round(ratio * len(s)))
+    if not 0 < ratio <= 1 or k == 0:
+        raise ValueError(f"ratio must keep at least one of {len(s)} samples, got {ratio}")
+    tiebreak = np.random.default_rng(seed).random(len(s))
+    return np.sort(np.lexsort((tiebreak, -s))[:k])
 
 
 FEATURE_BASELINES = {

@@ -30,12 +30,15 @@ class SmallCNN(nnx.Module):
             for i in range(3)])
         self.head = nnx.Linear(w[2], num_classes, rngs=rngs)
 
-    def __call__(self, x):
+    def features(self, x):  # the penultimate (pooled) features
         for i, (a, b) in enumerate(self.stages):
             x = b(a(x))
             if i < 2:
                 x = _pool(x)
-        return self.head(x.mean(axis=(1, 2)))
+        return x.mean(axis=(1, 2))
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 class BasicBlock(nnx.Module):
@@ -68,11 +71,14 @@ class ResNet18(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
-    def __call__(self, x):
+    def features(self, x):
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(x.mean(axis=(1, 2)))
+        return x.mean(axis=(1, 2))
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 MODELS = {"small_cnn": SmallCNN, "resnet18": ResNet18}

@@ -42,6 +42,9 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)  # per epoch: loss, lr
     config: dict = field(default_factory=dict)
+    # With track_dynamics=True, per epoch (rows) and trained sample (columns, in `indices` order):
+    # el2n ||softmax - onehot||, grand (last-layer gradient norm), correct (argmax == label).
+    dynamics: dict | None = None
 
 
 def _augment(x, key):
@@ -59,9 +62,10 @@ def _augment(x, key):
 def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_classes: int,
                      test_images: np.ndarray, test_labels: np.ndarray, indices: np.ndarray | None = None,
                      config: TrainConfig = TrainConfig(), seed: int = 0, mesh=None,
-                     progress: bool = False) -> TrainResult:
+                     progress: bool = False, track_dynamics: bool = False) -> TrainResult:
     """Train `config.model` on train_images[indices] (all when None) with their (possibly noisy) labels;
-    return the accuracy on the test split. Images are uint8 (N, H, W, 3)."""
+    return the accuracy on the test split. Images are uint8 (N, H, W, 3). track_dynamics: after every epoch,
+    score every trained sample (EL2N, GraNd, correctness) for the training-dynamics baselines."""
     t0 = time.perf_counter()
     train_images, test_images = np.asarray(train_images), np.asarray(test_images)
     for name, a in (("train_images", train_images), ("test_images", test_images)):
@@ -109,6 +113,31 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_cla
         x = (x.astype(jnp.float32) / 255 - mean_d) / std_d
         return jnp.argmax(model(x), axis=-1)
 
+    @nnx.jit
+    def sample_scores(model, x, y):
+        """EL2N = ||p - onehot(y)||; GraNd here is the norm of the loss gradient w.r.t. the last layer,
+        ||p - onehot|| * sqrt(||h||^2 + 1) (weights and bias), the usual cheap form of the per-sample gradient."""
+        x = (x.astype(jnp.float32) / 255 - mean_d) / std_d
+        h = model.features(x)
+        p = jax.nn.softmax(model.head(h).astype(jnp.float32))
+        err = jnp.linalg.norm(p - jax.nn.one_hot(y, num_classes), axis=-1)
+        return err, err * jnp.sqrt(jnp.sum(h * h, axis=-1) + 1), jnp.argmax(p, -1) == y
+
+    def score_all():
+        model.eval()
+        out = [], [], []
+        for s in range(0, len(idx), eval_batch):
+            rows = idx[s:s + eval_batch]
+            xb = jax.device_put(parallel.pad_rows(train_images[rows], eval_batch), shard)
+            yb = jax.device_put(parallel.pad_rows(y_all[rows], eval_batch), shard)
+            for acc, v in zip(out, sample_scores(model, xb, yb)):
+                acc.append(np.asarray(v)[:len(rows)])
+        model.train()
+        return [np.concatenate(v) for v in out]
+
+    eval_batch = parallel.round_up(256, n_dev)
+    dynamics = {"el2n": [], "grand": [], "correct": []} if track_dynamics else None
+
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     history, step = [], 0
@@ -136,15 +165,20 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_cla
                 bar.update(1)
         history.append({"epoch": epoch, "loss": float(np.mean([float(v) for v in losses])),
                         "lr": float(schedule(step))})
+        if dynamics is not None:
+            for name, v in zip(("el2n", "grand", "correct"), score_all()):
+                dynamics[name].append(v)
     if bar is not None:
         bar.close()
 
     model.eval()
-    correct, eval_batch = 0, parallel.round_up(256, n_dev)
+    correct = 0
     for s in range(0, len(test_images), eval_batch):
         x = test_images[s:s + eval_batch]
         m = len(x)
         pred = predict(model, jax.device_put(parallel.pad_rows(x, eval_batch), shard))
         correct += int((np.asarray(pred)[:m] == np.asarray(test_labels)[s:s + m]).sum())
+    if dynamics is not None:
+        dynamics = {k: np.stack(v) for k, v in dynamics.items()}
     return TrainResult(correct / max(1, len(test_images)), int(len(idx)), step,
-                       round(time.perf_counter() - t0, 2), history, asdict(config))
+                       round(time.perf_counter() - t0, 2), history, asdict(config), dynamics)
