@@ -8,7 +8,8 @@ finished row is appended to results.csv at once; a rerun skips rows already ther
 at the end.
 
     python scripts/bench_quality.py --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \
-        [--methods clipsel random moderate_ds herding k_center ccs confident_learning] [--ratios 0.3 0.5 0.7] \
+        [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting] \
+        [--ratios 0.3 0.5 0.7] \
         [--noise 0.0 0.2] [--seeds 0 1 2] [--train-epochs 0] [--limit N]
 """
 
@@ -41,17 +42,20 @@ def main():
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--encoder", default="offline")
     ap.add_argument("--methods", nargs="+", default=["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs",
-                                                     "confident_learning"])
+                                                     "confident_learning", "el2n", "grand", "forgetting"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2], help="symmetric label-noise fractions")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--train-epochs", type=int, default=0, help="0: selection metrics only")
+    ap.add_argument("--dynamics-epochs", type=int, default=3,
+                    help="length of the short run that scores EL2N / GraNd / Forgetting (cached per noise and seed)")
     ap.add_argument("--limit", type=int, help="first N training images (class-sorted zip: use with care)")
     args = ap.parse_args()
 
     import clipsel_jax as cs
     from clipsel_jax import baselines as bl
     from clipsel_jax.data.noise import symmetric_label_noise
+    from clipsel_jax.evaluate import TrainConfig, train_classifier
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -68,11 +72,20 @@ def main():
         with open(results, "w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     images = test = None
-    if args.train_epochs:
-        from clipsel_jax.evaluate import TrainConfig, train_classifier
-
+    dyn_methods = {"el2n", "grand", "forgetting"}
+    if args.train_epochs or dyn_methods & set(args.methods):
         test_src = cs.data.image_folder(f"{args.data}:cifar10-jpeg/test")
         images, test = load_images(train, args.limit), (load_images(test_src), test_src.labels)
+
+    def dynamics(labels, noise, seed):
+        """EL2N / GraNd / Forgetting from one short run on the full (noisy) training set, cached."""
+        path = work / f"dynamics_noise{noise}_seed{seed}_epochs{args.dynamics_epochs}.npz"
+        if not path.is_file():
+            r = train_classifier(images, labels, c, test[0], test[1], seed=seed, track_dynamics=True,
+                                 config=TrainConfig(epochs=args.dynamics_epochs), progress=True)
+            np.savez(path, **bl.dynamics_scores([r.dynamics]))
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
     for noise in args.noise:
         for seed in args.seeds:
@@ -92,6 +105,8 @@ def main():
                             sas = cs.select_from_embeddings(emb.image_emb, labels, emb.text_emb, ratio,
                                                             seed=seed).scores["sas"]
                         idx = bl.ccs(1 - sas, ratio, seed=seed)
+                    elif method in dyn_methods:
+                        idx = bl.hardest(dynamics(labels, noise, seed)[method], ratio, seed)
                     elif method == "confident_learning":  # one cross-validated probe per label set, all ratios
                         if probs is None:
                             probs = bl.probe_predictions(emb.image_emb, labels, c, seed=seed)
