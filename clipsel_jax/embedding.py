@@ -257,11 +257,11 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
         rows = np.concatenate(padded).reshape(-1, n_proc, local_batch)[:, jax.process_index()].reshape(-1)
         batches = _pipeline(rows, source, encoder.preprocessing, local_batch, threads, workers)
         for j, chunk_rows in zip(todo, padded):
-            memory_or_cache = _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar)
+            chunk = _embed_chunk(chunk_rows, batches, encoder, global_batch, local_batch, bar)
             if cache is not None:
-                cache.put(j, *memory_or_cache)
+                cache.put(j, *chunk)  # written (atomically) before the next chunk starts
             else:
-                memory[j] = dict(zip(("ids", "labels", "emb", "reasons"), memory_or_cache))
+                memory[j] = dict(zip(("ids", "labels", "emb", "reasons"), chunk))
     if bar is not None:
         bar.close()
 
@@ -284,7 +284,7 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
                       unreadable)
 
 
-def _embed_chunk(j, chunk_rows, batches, encoder, global_batch, local_batch, bar):
+def _embed_chunk(chunk_rows, batches, encoder, global_batch, local_batch, bar):
     """Encode one chunk's batches; the device works on batch b while the host collects batch b - 1."""
     n_batches = len(chunk_rows) // global_batch
     lo = jax.process_index() * local_batch
