@@ -27,11 +27,14 @@ def cmd_embed(args) -> int:
     import jax.numpy as jnp
 
     from clipsel_jax import load_encoder
-    from clipsel_jax.data.sources import image_folder
+    from clipsel_jax.data.sources import image_folder, tfds_source
     from clipsel_jax.embedding import embed
     from clipsel_jax.text import DEFAULT_TEMPLATE
 
-    source = image_folder(args.data, args.subdir)
+    if args.data.startswith("tfds:"):  # tfds:NAME, with --subdir as the split (default train)
+        source = tfds_source(args.data[len("tfds:"):], args.subdir or "train", data_dir=args.tfds_data_dir)
+    else:
+        source = image_folder(args.data, args.subdir)
     print(f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}", file=sys.stderr)
     t0 = time.perf_counter()
     if args.encoder is None:
@@ -42,8 +45,8 @@ def cmd_embed(args) -> int:
     enc = load_encoder(args.encoder, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                        activation=args.activation, batch_size=args.batch_size)
     print(f"encoder: {enc}", file=sys.stderr)
-    emb = embed(source, enc, args.workdir, args.prompt or DEFAULT_TEMPLATE, batch_size=args.batch_size, workers=args.workers,
-                limit=args.limit, progress=not args.quiet)
+    emb = embed(source, enc, args.workdir, args.prompt or DEFAULT_TEMPLATE, batch_size=args.batch_size,
+                workers=args.workers, limit=args.limit, progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     emb.save(out)
@@ -77,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="embed a folder or zip of <class>/<file> images and one prompt per class")
     _common_encoder_args(p)
-    p.add_argument("--data", required=True, help="folder or .zip of <class>/<file> images (archive.zip:inner/dir ok)")
-    p.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train)")
+    p.add_argument("--data", required=True, help="folder or .zip of <class>/<file> images (archive.zip:inner/dir ok), "
+                                                 "or tfds:NAME for a prepared TFDS data set (array_record)")
+    p.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train); the split for tfds:")
+    p.add_argument("--tfds-data-dir", help="TFDS data_dir for tfds:NAME (default: TFDS's own)")
     p.add_argument("--out", required=True, help="output .npz (image_emb, labels, ids, text_emb, class_names)")
     p.add_argument("--prompt", action="append",
                    help='class prompt template (default "A photo of a {}."); repeat for an averaged ensemble')

@@ -122,3 +122,21 @@ def test_embed_without_encoder_uses_the_offline_one(folder, tmp_path, capsys):
     assert "using the offline encoder" in capsys.readouterr().err
     z = np.load(out)
     assert z["image_emb"].shape == (10, 1280) and z["text_emb"].shape == (2, 384)
+
+
+def test_embed_command_reads_tfds(tmp_path, tiny_clip):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = tmp_path / "emb.npz"
+    with tfds.testing.mock_data(num_examples=6):
+        assert main(["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:cifar10", "--subdir", "test",
+                     "--out", str(out), "--quiet"]) == 0
+    z = np.load(out)
+    assert z["image_emb"].shape == (6, 16) and len(z["class_names"]) == 10
+
+
+def test_embed_command_missing_tfds_set_is_a_clear_error(tmp_path, tiny_clip, capsys):
+    pytest.importorskip("tensorflow_datasets")
+    rc = main(["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:cifar10", "--tfds-data-dir",
+               str(tmp_path / "empty"), "--out", str(tmp_path / "o.npz"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be opened" in err and "tfds build cifar10" in err and "Traceback" not in err
