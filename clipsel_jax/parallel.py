@@ -60,3 +60,36 @@ def to_host(y) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+
+def initialize_distributed(mode: str = "auto") -> bool:
+    """Join a multi-process run (a TPU pod slice, or several hosts/processes with a coordinator); True if joined.
+
+    mode "auto": initialise when the environment says this is one process of many: JAX_COORDINATOR_ADDRESS with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (any platform; on CPU the collectives go over gloo), or a Cloud TPU VM
+    whose TPU_WORKER_HOSTNAMES lists several hosts (JAX finds the rest itself). "on": always (JAX's own
+    auto-detection, e.g. Slurm or TPU); "off": never. Must run before anything touches the devices.
+    """
+    import os
+
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return False
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if coordinator:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three "
+                             "(coordinator host:port, number of processes, this process's index from 0)")
+        # CPU devices need a collectives backend across processes; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+        return True
+    if mode == "on" or len(tpu_hosts) > 1:
+        jax.distributed.initialize()
+        return True
+    return False

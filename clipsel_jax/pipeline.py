@@ -14,7 +14,7 @@ import numpy as np
 from clipsel_jax import parallel
 from clipsel_jax.adapt import AdaptConfig, apply_adapters, data_fingerprint, train_adapters
 from clipsel_jax.ckpt import Checkpointer
-from clipsel_jax.scores import minmax, sample_diversity, semantic_alignment
+from clipsel_jax.scores import minmax, preferred_class, sample_diversity, semantic_alignment
 from clipsel_jax.selection import SelectionConfig, combined_score, init_state, optimise_chunk, rank_and_take
 
 
@@ -25,6 +25,8 @@ class Selection:
     scores: dict  # float32 (N,): "sas" (cosine; higher = better aligned), "sds" (mean kNN distance; higher = more
     #                diverse), "combined" (c of the loss; higher = kept first)
     meta: dict = field(default_factory=dict)
+    # int64 (N,): the class whose (adapted) prompt each image is closest to; != label marks a likely mislabel.
+    preferred_class: np.ndarray | None = None
 
 
 def _validate(image_emb, labels, text_emb, ratio):
@@ -66,7 +68,7 @@ def _validate(image_emb, labels, text_emb, ratio):
     return image_emb, labels.astype(np.int64), np.asarray(text_emb, np.float32), k
 
 
-def _alpha(alpha, ratio) -> float:
+def alpha_value(alpha, ratio) -> float:
     if alpha == "code":
         return 0.1
     if alpha == "paper":
@@ -97,7 +99,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
     n, num_classes = len(image_emb), len(text_emb)
     mesh = mesh or parallel.data_mesh()
-    a = _alpha(alpha, ratio)
+    a = alpha_value(alpha, ratio)
     sel_cfg = dataclasses.replace(selection or SelectionConfig(), alpha=a, beta=beta)
     workdir = Path(workdir) if workdir is not None else None
 
@@ -119,6 +121,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     # 2. Scores.
     t1 = time.perf_counter()
     sas = semantic_alignment(u, v, labels)
+    preferred = preferred_class(u, v)
     sds, div = sample_diversity(u, labels, num_classes, k_fraction=k_fraction, k=k_neighbors,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
                                 mesh=mesh)
@@ -146,13 +149,14 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
                   "reference_size": div.reference_size.tolist(),
                   "shrunk_classes": shrunk.tolist()},
         "class_sizes": sizes.tolist(), "kept_per_class": kept.tolist(),
+        "label_disagrees_with_preferred": int((preferred != labels).sum()),
         "kept_fraction_per_class": (kept / np.maximum(sizes, 1)).round(6).tolist(),
         "timings": {**{key: round(val, 3) for key, val in timings.items()},
                     "total_s": round(time.perf_counter() - t0, 3)},
         "versions": {"jax": jax.__version__, "devices": mesh.devices.size},
     }
     result = Selection(keep.astype(np.int64), mask, {"sas": sas.astype(np.float32), "sds": sds.astype(np.float32),
-                                                     "combined": c.astype(np.float32)}, meta)
+                                                     "combined": c.astype(np.float32)}, meta, preferred)
     if workdir is not None:
         ck = Checkpointer(workdir / "selection_final", max_to_keep=1)
         ck.clear()  # the final selection of this run replaces any earlier one
@@ -198,20 +202,22 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
 
 
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,
-           embed_options: dict | None = None, progress: bool = True, **options) -> Selection:
+           embed_options: dict | None = None, progress: bool = True, report: bool = True,
+           **options) -> Selection:
     """The whole pipeline: embed `source` with `encoder` (a spec for load_encoder, or an encoder object), adapt,
-    score, select. Embeddings are cached in chunks under workdir/embeddings (a rerun, or a run resumed after a
-    kill, reuses finished chunks); adapter and selection checkpoints live in workdir too. `prompts`: a template or
-    list of templates (default "A photo of a {}."); `embed_options` go to ``embed`` (batch_size, workers, ...);
-    `options` go to select_from_embeddings.
+    score, select, and write the outputs (selection.npz, scores.csv, meta.json and, with report=True,
+    report.html; see clipsel_jax.report). Embeddings are cached in chunks under workdir/embeddings (a rerun, or a
+    run resumed after a kill, reuses finished chunks); adapter and selection checkpoints live in workdir too.
+    `prompts`: a template or list of templates (default "A photo of a {}."); `embed_options` go to ``embed``
+    (batch_size, workers, limit, ...); `options` go to select_from_embeddings.
 
     Returns a Selection whose indices and mask refer to the embedded samples; `meta["ids"]` maps them to the
-    source's sample ids (unreadable images are excluded and listed in meta["unreadable"]).
+    source's sample ids (unreadable images are excluded and listed in meta["unreadable"]). On several processes
+    every process gets the same Selection and process 0 writes the files.
     """
-    import json
-
     from clipsel_jax.embedding import embed
     from clipsel_jax.encoder import load_encoder
+    from clipsel_jax.report import write_outputs, write_report
     from clipsel_jax.text import DEFAULT_TEMPLATE
 
     workdir = Path(workdir)
@@ -222,8 +228,9 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
     sel = select_from_embeddings(e.image_emb, e.labels, e.text_emb, ratio, seed, workdir=workdir, progress=progress,
                                  **options)
     sel.meta.update({"ids": e.ids.tolist(), "unreadable": e.unreadable, "class_names": e.class_names,
-                     "encoder": enc.identity, "prompts": e.prompts})
-    np.savez(workdir / "selection.npz", indices=sel.indices, mask=sel.mask, ids=e.ids, labels=e.labels,
-             kept_ids=e.ids[sel.indices], **sel.scores)
-    (workdir / "meta.json").write_text(json.dumps({k: v for k, v in sel.meta.items() if k != "ids"}, indent=1))
+                     "encoder": enc.identity, "prompts": e.prompts, "source": repr(source)})
+    if jax.process_index() == 0:
+        write_outputs(workdir, sel, e.ids, e.labels, e.class_names, source)
+        if report:
+            write_report(workdir, source)
     return sel

@@ -45,6 +45,21 @@ def _cosine_to_label(img, txt, labels):
     return jnp.sum(l2_normalize(img) * txt[labels], axis=-1)
 
 
+def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The class whose prompt each image is closest to (cosine), int64 (N,). Where it differs from the label,
+    the sample is a candidate mislabel: the report shows both."""
+    txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
+    out = np.empty(len(image_feats), np.int64)
+    for i in range(0, len(image_feats), chunk):
+        out[i:i + chunk] = _closest_prompt(jnp.asarray(image_feats[i:i + chunk], jnp.float32), txt)
+    return out
+
+
+@jax.jit
+def _closest_prompt(img, txt):
+    return jnp.argmax(l2_normalize(img) @ txt.T, axis=-1)
+
+
 @dataclass
 class DiversityInfo:
     """What SDS did per class, for the run's metadata."""

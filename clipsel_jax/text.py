@@ -55,3 +55,39 @@ def class_prompts(class_names: list[str], template: str = DEFAULT_TEMPLATE) -> l
     if "{}" not in template:
         raise ValueError(f"prompt template {template!r} has no '{{}}' where the class name goes")
     return [template.format(name.replace("_", " ")) for name in class_names]
+
+
+def readable_class_names(class_names: list[str], mapping_file: str) -> list[str]:
+    """Prompt-friendly names for classes stored under ids (ImageNet / Tiny-ImageNet WordNet ids such as n01443537).
+
+    mapping_file: a JSON list (one name per class, in label order), a JSON object {stored name: readable name}, or a
+    text file of "key<whitespace>name[, synonym, ...]" lines (Tiny-ImageNet's words.txt, ImageNet's
+    LOC_synset_mapping.txt): the first synonym is used. Every class must be covered.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(mapping_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file {mapping_file!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = {}
+        for line in text.splitlines():
+            parts = line.strip().split(None, 1)
+            if len(parts) == 2:
+                data[parts[0]] = parts[1].split(",")[0].strip()
+    if isinstance(data, list):
+        if len(data) != len(class_names):
+            raise ValueError(f"{mapping_file}: {len(data)} names for {len(class_names)} classes; give one per class "
+                             "in label order (classes sorted by folder name)")
+        return [str(n) for n in data]
+    if not isinstance(data, dict):
+        raise ValueError(f"{mapping_file}: expected a JSON list or object, or 'key name' lines")
+    missing = [c for c in class_names if c not in data]
+    if missing:
+        raise ValueError(f"{mapping_file} has no name for {len(missing)} of the {len(class_names)} classes "
+                         f"(e.g. {missing[:3]})")
+    return [str(data[c]) for c in class_names]

@@ -1,7 +1,8 @@
 """Data sources and preprocessing (noise and corruptions follow)."""
 
+from clipsel_jax.data.demo import demo, demo_mislabeled
 from clipsel_jax.data.sources import (ArraySource, ImageFolder, Source, TFDSSource, UnreadableImage, from_arrays,
                                       image_folder, tfds_source)
 
-__all__ = ["ArraySource", "ImageFolder", "Source", "TFDSSource", "UnreadableImage", "from_arrays", "image_folder",
+__all__ = ["demo", "demo_mislabeled", "ArraySource", "ImageFolder", "Source", "TFDSSource", "UnreadableImage", "from_arrays", "image_folder",
            "tfds_source"]

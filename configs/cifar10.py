@@ -1,0 +1,25 @@
+"""CIFAR-10 (50,000 training images, 10 classes) with CLIP ViT-B/32, the paper's setting.
+
+    clipsel select --config configs/cifar10.py                     # tfds:cifar10 (TFDS downloads/prepares it)
+    clipsel select --config configs/cifar10.py --data ../shared/data/cifar10-jpeg.zip --subdir cifar10-jpeg/train
+    clipsel select --config configs/cifar10.py --encoder offline   # no network: EfficientNet-Lite0 + MiniLM
+    clipsel select --config configs/cifar10.py --limit 2000 --adapter-epochs 2   # local debug run
+
+The paper's prompt is "A photo of a {}." (the authors' code); add --prompt repeatedly for a template ensemble.
+"""
+
+
+def get_config():
+    return {
+        "data": "tfds:cifar10",
+        "subdir": "train",  # the split for tfds:
+        "encoder": "openai/clip-vit-base-patch32",
+        "prompt": ["A photo of a {}."],
+        "ratio": 0.3,
+        "adapter": "linear",
+        "adapter_epochs": 30,  # Adam 1e-4, batch 256: METHOD.md
+        "k_fraction": 0.1,  # SDS: K = 10% of the class
+        "balance": "class",
+        "alpha": "code",  # 0.1, as the authors' code
+        "workdir": "out/cifar10",
+    }

