@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ def _savez(path: Path, **arrays) -> None:
 
 def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file and rename: a reader (or a resumed run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # processes may share the dir
     write(tmp)
     os.replace(tmp, path)
 

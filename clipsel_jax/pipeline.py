@@ -198,7 +198,7 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
             ckpt.save(int(state[0]), state, {"settings": settings, "step": int(state[0])})
     if ckpt is not None:
         ckpt.close()
-    return np.asarray(state[1])[:n], int(state[0]), float(state[3])
+    return parallel.to_host(state[1])[:n], int(state[0]), float(state[3])
 
 
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,

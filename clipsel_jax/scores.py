@@ -183,7 +183,7 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
                                  jax.device_put(qid.astype(np.int32), parallel.batch_sharding(mesh)),
                                  jnp.asarray(keys), jnp.asarray(kid.astype(np.int32)), jnp.int32(kc),
                                  query_tile=q_tile, mesh=mesh)
-        out[members] = np.asarray(sds)[:n_c]
+        out[members] = parallel.to_host(sds)[:n_c]
     return out, DiversityInfo(ks, ks_req, refs)
 
 

@@ -49,3 +49,38 @@ def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
         np.testing.assert_allclose(z["image_emb"], enc.encode_images(images[keep]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(z["text"], enc.encode_texts(["A photo of a a.", "A photo of a b.",
                                                                 "A photo of a c."]), rtol=1e-5, atol=1e-5)
+
+
+def test_two_process_select_matches_one(tmp_path, folder, tiny_clip):
+    """`clipsel select` as 2 processes x 2 CPU devices (joined through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, one shared workdir, as on a pod with a shared disk) writes exactly the mask of one process."""
+    import os
+    import warnings
+
+    from clipsel_jax.cli import main
+
+    args = ["select", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--ratio", "0.5",
+            "--adapter-epochs", "3", "--adapter-batch", "4", "--quiet"]
+    port = str(free_port())
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-m", "clipsel_jax.cli", *args, "--workdir", str(tmp_path / "multi")],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert '"kept": 5' in logs[0] and '"kept"' not in logs[1]  # process 0 reports and writes the outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--workdir", str(tmp_path / "single")]) == 0
+    multi, single = np.load(tmp_path / "multi" / "selection.npz"), np.load(tmp_path / "single" / "selection.npz")
+    np.testing.assert_array_equal(multi["mask"], single["mask"])
+    np.testing.assert_array_equal(multi["ids"], single["ids"])
+    for key in ("sas", "sds", "combined"):
+        np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert (tmp_path / "multi" / "report.html").is_file()
