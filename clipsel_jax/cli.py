@@ -138,6 +138,21 @@ def _source(args, required=True):
     return source
 
 
+def _data_spec(args) -> dict:
+    """How the source was opened (absolute paths), so that `clipsel report` can reopen it for the galleries."""
+    def absolute(p):
+        return p if p is None or p == DEMO or p.startswith("tfds:") else str(Path(p).expanduser().resolve())
+
+    data = args.data
+    if data and ".zip:" in data and data != DEMO:
+        archive, inner = data.split(".zip:", 1)
+        data = absolute(archive + ".zip") + ":" + inner
+    else:
+        data = absolute(data)
+    return {"data": data, "subdir": args.subdir, "tfds_data_dir": absolute(args.tfds_data_dir),
+            "class_names": absolute(args.class_names)}
+
+
 def _encoder(args):
     import jax.numpy as jnp
 
@@ -194,9 +209,8 @@ def _load_embeddings(path, what="--embeddings"):
         raise UsageError(f"{path} is not an embeddings file of `clipsel embed` ({type(e).__name__}: {e})") from None
 
 
-def _say(args, msg):
-    if not getattr(args, "quiet", False) or msg.startswith("report:"):
-        print(msg, file=sys.stderr)
+def _say(args, msg):  # what is happening, on stderr (--quiet only hides the progress bars)
+    print(msg, file=sys.stderr)
 
 
 def _primary() -> bool:
@@ -225,6 +239,8 @@ def cmd_select(args) -> int:
                                      progress=not args.quiet, **options)
         sel.meta.update({"unreadable": e.unreadable, "class_names": e.class_names, "prompts": e.prompts,
                          "embeddings": str(args.embeddings)})
+        if source is not None:
+            sel.meta["data_spec"] = _data_spec(args)
         if _primary():
             write_outputs(workdir, sel, e.ids, e.labels, e.class_names, source)
             if not args.no_report:
@@ -236,7 +252,7 @@ def cmd_select(args) -> int:
         enc = _encoder(args)
         sel = select(source, args.ratio, enc, workdir, args.seed, prompts=args.prompt,
                      embed_options={"batch_size": args.batch_size, "workers": args.workers, "limit": args.limit},
-                     progress=not args.quiet, report=not args.no_report, **options)
+                     progress=not args.quiet, report=not args.no_report, data_spec=_data_spec(args), **options)
         ids = np.asarray(sel.meta["ids"])
     summary = {"workdir": str(workdir), "samples": int(len(sel.mask)), "kept": int(len(sel.indices)),
                "unreadable": len(sel.meta.get("unreadable") or []),
@@ -343,8 +359,13 @@ def cmd_score(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from clipsel_jax.report import write_report
+    from clipsel_jax.report import load_outputs, write_report
 
+    if args.data is None:  # the source the selection was made from, if it can be opened again
+        spec = load_outputs(args.workdir)[1].get("data_spec") or {}
+        for key, value in spec.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     source = _source(args, required=False)
     out = write_report(args.workdir, source)
     print(json.dumps({"report": str(out.resolve()), "images": source is not None}))

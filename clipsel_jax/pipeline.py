@@ -203,13 +203,14 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
 
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,
            embed_options: dict | None = None, progress: bool = True, report: bool = True,
-           **options) -> Selection:
+           data_spec: dict | None = None, **options) -> Selection:
     """The whole pipeline: embed `source` with `encoder` (a spec for load_encoder, or an encoder object), adapt,
     score, select, and write the outputs (selection.npz, scores.csv, meta.json and, with report=True,
     report.html; see clipsel_jax.report). Embeddings are cached in chunks under workdir/embeddings (a rerun, or a
     run resumed after a kill, reuses finished chunks); adapter and selection checkpoints live in workdir too.
     `prompts`: a template or list of templates (default "A photo of a {}."); `embed_options` go to ``embed``
-    (batch_size, workers, limit, ...); `options` go to select_from_embeddings.
+    (batch_size, workers, limit, ...); `data_spec` (how to reopen the source; recorded in meta.json for
+    `clipsel report`); `options` go to select_from_embeddings.
 
     Returns a Selection whose indices and mask refer to the embedded samples; `meta["ids"]` maps them to the
     source's sample ids (unreadable images are excluded and listed in meta["unreadable"]). On several processes
@@ -229,6 +230,8 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
                                  **options)
     sel.meta.update({"ids": e.ids.tolist(), "unreadable": e.unreadable, "class_names": e.class_names,
                      "encoder": enc.identity, "prompts": e.prompts, "source": repr(source)})
+    if data_spec is not None:
+        sel.meta["data_spec"] = data_spec
     if jax.process_index() == 0:
         write_outputs(workdir, sel, e.ids, e.labels, e.class_names, source)
         if report:

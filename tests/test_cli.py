@@ -81,9 +81,10 @@ def test_bad_arguments_exit_2_without_traceback(argv, message, folder, tiny_clip
 
 
 def test_missing_required_argument_and_info(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["embed", "--data", "x"])
+    with pytest.raises(SystemExit) as e:  # argparse's own errors: usage line + message, exit 2
+        main(["embed", "--data", "x", "--workers", "many"])
     assert e.value.code == 2
+    assert main(["embed", "--data", "x"]) == 2  # neither --out nor --workdir
     assert main(["info"]) == 0
     assert '"backend": "cpu"' in capsys.readouterr().out
 
