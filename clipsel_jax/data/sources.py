@@ -8,8 +8,9 @@ processes can read from them.
 
 - ``image_folder(path)``: ``<class>/<file>`` images in a folder or a .zip;
 - ``from_arrays(images, labels, class_names)``: arrays in memory (a notebook);
-- ``tfds_source(name, split)``: a prepared TFDS data set read through ``tfds.data_source`` (array_record, no
-  TensorFlow needed).
+- ``tfds_source(name, split)``: a prepared TFDS data set, read through ``tfds.data_source`` when prepared as
+  array_record (random access, no TensorFlow needed), or streamed through ``tfds.load`` / tf.data when prepared
+  as TFRecord (needs TensorFlow; ``embed`` reads such a source in order).
 """
 
 from __future__ import annotations
@@ -270,16 +271,7 @@ class TFDSSource(Source):
                 f"format under data_dir ({data_dir or 'the TFDS default, ~/tensorflow_datasets'}): run "
                 f"`tfds build {name} --file_format=array_record` (needs TensorFlow) where there is network, and "
                 "copy the folder") from None
-        features = builder.info.features
-        for key in (image_key, label_key):
-            if key not in features:
-                raise ValueError(f"TFDS data set {name!r} has no feature {key!r}; its features are "
-                                 f"{sorted(features.keys())}: pass image_key= / label_key=")
-        label = features[label_key]
-        if not hasattr(label, "names"):
-            raise ValueError(f"feature {label_key!r} of {name!r} is not a ClassLabel; pass the integer class "
-                             "feature as label_key=")
-        self.class_names = list(label.names)
+        self.class_names = _tfds_class_names(builder, name, image_key, label_key)
         self.full_name = builder.info.full_name
         self.ids = np.arange(len(self._ds), dtype=np.int64)
         self._labels = None
@@ -319,9 +311,125 @@ class TFDSSource(Source):
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class TFDSStreamSource(Source):
+    """A split of a TFDS set prepared as TFRecord (TFDS's default format), read in order through ``tfds.load`` /
+    tf.data: TensorFlow reads the records, clipsel_jax decodes and resizes them (the same code as every other
+    source, so the features are identical). ``embed`` streams it (``stream``); ``read_example`` reads single
+    records and is meant for a few (the report's galleries)."""
+
+    streaming = True
+
+    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, label_key: str, builder):
+        if "[" in split or "+" in split:
+            raise ValueError(f"split {split!r}: a TFRecord-prepared set is read by plain split name (train, test, "
+                             "...); take a part of it with embed(limit=N) / --limit")
+        if split not in builder.info.splits:
+            raise ValueError(f"TFDS data set {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.label_key = image_key, label_key
+        self.class_names = _tfds_class_names(builder, name, image_key, label_key)
+        self.full_name = builder.info.full_name
+        self._n = int(builder.info.splits[split].num_examples)
+        self.ids = np.arange(self._n, dtype=np.int64)
+        self._labels = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def describe(self, i: int) -> str:
+        return f"{self.full_name}[{self.split}][{i}]"
+
+    def stream(self, start: int, stop: int, keep: np.ndarray | None = None):
+        """(record index, encoded image bytes or array, label) for the records in [start, stop) where keep[i -
+        start] (all when None), in order. Files before `start` are skipped without reading them."""
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        ds = tfds.load(self.name, split=f"{self.split}[{start}:{stop}]", data_dir=self.data_dir, download=False,
+                       shuffle_files=False, decoders={self.image_key: tfds.decode.SkipDecoding()},
+                       read_config=tfds.ReadConfig(try_autocache=False))
+        ds = ds.enumerate(start)
+        if keep is not None:
+            mask = tf.constant(np.asarray(keep, bool))
+            ds = ds.filter(lambda i, ex: tf.gather(mask, i - start))
+        ds = ds.map(lambda i, ex: (i, ex[self.image_key], ex[self.label_key])).prefetch(tf.data.AUTOTUNE)
+        for i, image, label in ds.as_numpy_iterator():
+            yield int(i), image, int(label)
+
+    def read_example(self, i: int) -> tuple[np.ndarray, int]:
+        _, image, label = next(self.stream(int(i), int(i) + 1))
+        return decode_record_image(image, self.describe(i)), label
+
+    def label_of(self, i: int) -> int:
+        return int(next(self.stream(int(i), int(i) + 1))[2])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels (one pass over the split; ``embed`` collects them as it goes instead)."""
+        if self._labels is None:
+            self._labels = np.array([y for _, _, y in self.stream(0, self._n)], np.int64)
+        return self._labels
+
+    def fingerprint(self) -> str:
+        where = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else "default"
+        key = (f"tfds-tfrecord\t{self.full_name}\t{self.split}\t{self._n}\t{where}\t{self.image_key}\t"
+               f"{self.label_key}")
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def decode_record_image(image, where: str) -> np.ndarray:
+    """A record's image as uint8 RGB: encoded bytes (PNG/JPEG, as TFDS stores Image features) or an array."""
+    if isinstance(image, (bytes, np.bytes_)):
+        return decode_image(bytes(image))
+    try:
+        return as_rgb_uint8(np.asarray(image), where=where)
+    except ValueError as e:
+        raise UnreadableImage(str(e)) from None
+
+
+def _tfds_class_names(builder, name, image_key, label_key) -> list[str]:
+    features = builder.info.features
+    for key in (image_key, label_key):
+        if key not in features:
+            raise ValueError(f"TFDS data set {name!r} has no feature {key!r}; its features are "
+                             f"{sorted(features.keys())}: pass image_key= / label_key=")
+    label = features[label_key]
+    if not hasattr(label, "names"):
+        raise ValueError(f"feature {label_key!r} of {name!r} is not a ClassLabel; pass the integer class "
+                         "feature as label_key=")
+    return list(label.names)
+
+
 def tfds_source(name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
-                label_key: str = "label") -> TFDSSource:
-    """A prepared TFDS data set (e.g. ``tfds_source("cifar10", "train")``) as a source, read through
-    ``tfds.data_source``: random access to array_record files, no TensorFlow needed. Sample ids are record
-    indices within the split; class names come from the label feature's names."""
+                label_key: str = "label", reader: str = "auto") -> Source:
+    """A TFDS data set (e.g. ``tfds_source("cifar10", "train")``) as a source. Sample ids are record indices within
+    the split; class names come from the label feature's names.
+
+    reader: "array_record" reads through ``tfds.data_source`` (random access, no TensorFlow needed);
+    "tf" reads a TFRecord-prepared set in order through ``tfds.load`` / tf.data (needs TensorFlow: the
+    ``[tf]`` extra); "auto" (default) picks "tf" for a set prepared as TFRecord, else "array_record".
+    """
+    if reader not in ("auto", "array_record", "tf"):
+        raise ValueError(f"reader must be auto, array_record or tf, got {reader!r}")
+    if reader != "array_record":
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            prepared_as_tfrecord = builder.is_prepared() and str(builder.info.file_format).lower().endswith(
+                "tfrecord")
+        except Exception:  # unknown name etc.: the array_record path gives the full message
+            builder, prepared_as_tfrecord = None, False
+        if reader == "tf" or prepared_as_tfrecord:
+            if builder is None or not builder.is_prepared():
+                raise ValueError(f"TFDS data set {name!r} is not prepared under data_dir "
+                                 f"({data_dir or 'the TFDS default'}): run `tfds build {name}` first")
+            import importlib.util
+
+            if importlib.util.find_spec("tensorflow") is None:
+                raise ValueError(f"TFDS data set {name!r} is prepared as TFRecord, which is read through tf.data: "
+                                 "install TensorFlow (pip install 'clipsel_jax[tf]'), or rebuild it as "
+                                 f"array_record (`tfds build {name} --file_format=array_record`) to read it "
+                                 "without TensorFlow")
+            return TFDSStreamSource(name, split, data_dir, image_key, label_key, builder)
     return TFDSSource(name, split, data_dir, image_key, label_key)
