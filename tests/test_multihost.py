@@ -17,19 +17,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
-    model = str(clip_folder_factory()[0])
-    port = str(free_port())
-    worker = Path(__file__).with_name("multihost_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, str(tmp_path), model],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def run_two(commands, envs=(None, None), timeout=300) -> list[str]:
+    """Start both processes, wait for both; their combined output, each asserted to have exited 0."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in zip(commands, envs)]
     try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
+    return logs
+
+
+def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
+    model = str(clip_folder_factory()[0])
+    port = str(free_port())
+    worker = Path(__file__).with_name("multihost_worker.py")
+    run_two([[sys.executable, str(worker), str(i), port, str(tmp_path), model] for i in range(2)], timeout=240)
     info = [json.loads((tmp_path / f"info{i}.json").read_text()) for i in range(2)]
     assert info[0]["processes"] == 2 and info[0]["devices"] == 4
     # Each process read only its own half of every batch; together, every sample once.
@@ -64,16 +70,8 @@ def test_two_process_select_matches_one(tmp_path, folder, tiny_clip):
     port = str(free_port())
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "clipsel_jax.cli", *args, "--workdir", str(tmp_path / "multi")],
-                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    cmd = [sys.executable, "-m", "clipsel_jax.cli", *args, "--workdir", str(tmp_path / "multi")]
+    logs = run_two([cmd, cmd], [{**env, "JAX_PROCESS_ID": str(i)} for i in range(2)])
     assert '"kept": 5' in logs[0] and '"kept"' not in logs[1]  # process 0 reports and writes the outputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
