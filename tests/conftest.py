@@ -6,6 +6,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+
+# CUDA builds of torch ship triton, whose bundled LLVM clashes with TensorFlow's when TensorFlow is loaded first:
+# the later `import triton` (torch._dynamo, pulled in by transformers) segfaults. The suite imports both (the
+# TFRecord reader's tests and the parity tests), so triton goes first. CPU builds of torch have no triton.
+if importlib.util.find_spec("triton") and importlib.util.find_spec("tensorflow"):
+    import triton  # noqa: E402, F401
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
