@@ -105,7 +105,6 @@ class _Prepare:
         except ValueError as e:  # e.g. a decoded image of zero size
             return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), f"{type(e).__name__}: {e}"
 
-
     def from_record(self, i, image, label):
         """A streamed record (encoded bytes or an array) -> the same output as __call__."""
         try:
