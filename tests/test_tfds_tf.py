@@ -79,3 +79,25 @@ def test_reader_choice_and_errors(prepared):
                                           reader="tf"), TFDSStreamSource)
     with pytest.raises(ValueError, match="reader must be"):
         cs.data.tfds_source("tiny_images", reader="pandas")
+
+
+def test_two_processes_match_one(prepared, tmp_path, tiny_clip):
+    """`clipsel embed --data tfds:...` of a TFRecord set as 2 processes x 2 CPU devices: the single-process result."""
+    import os
+    import sys
+
+    from test_multihost import free_port, run_two
+
+    from clipsel_jax.cli import main
+
+    args = ["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:tiny_images", "--tfds-data-dir",
+            str(prepared / "tfrecord"), "--batch-size", "4", "--quiet"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
+    cmd = [sys.executable, "-m", "clipsel_jax.cli", *args, "--workdir", str(tmp_path / "multi")]
+    run_two([cmd, cmd], [{**env, "JAX_PROCESS_ID": str(i)} for i in range(2)])
+    assert main([*args, "--out", str(tmp_path / "single.npz")]) == 0
+    multi, single = np.load(tmp_path / "multi" / "embeddings.npz"), np.load(tmp_path / "single.npz")
+    np.testing.assert_array_equal(multi["ids"], single["ids"])
+    np.testing.assert_array_equal(multi["labels"], single["labels"])
+    np.testing.assert_allclose(multi["image_emb"], single["image_emb"], rtol=1e-5, atol=1e-5)
