@@ -157,7 +157,9 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-
 def _summary(meta, kept, labels, pref, names) -> str:
     t = meta.get("timings", {})
     rows = [("samples", meta.get("n")), ("kept", f"{int(kept.sum())} ({meta.get('ratio', 0):.0%} requested)"),
-            ("classes", len(names)), ("balance", meta.get("balance")), ("encoder", _encoder_name(meta.get("encoder"))),
+            ("classes", len(names)), ("balance", meta.get("balance")),
+            ("data", meta.get("source") or meta.get("embeddings") or "-"),
+            ("encoder", _encoder_name(meta.get("encoder"))),
             ("seed", meta.get("seed")),
             ("label disagrees with preferred class", f"{int((pref != labels).sum())} samples, "
                                                      f"{int((kept & (pref != labels)).sum())} of them kept"),
