@@ -88,11 +88,13 @@ def run(args) -> int:
         raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
                          f"use another --workdir for {json.dumps(setting)}")
     setting_file.write_text(json.dumps(setting) + "\n")
-    done = set()
-    if results.is_file():
+    def finished() -> set:  # rows already in results.csv (re-read before each row: several workers may share it)
+        if not results.is_file():
+            return set()
         with open(results) as f:
-            done = {(r["method"], float(r["ratio"]), float(r["noise"]), int(r["seed"])) for r in csv.DictReader(f)}
-    else:
+            return {(r["method"], float(r["ratio"]), float(r["noise"]), int(r["seed"])) for r in csv.DictReader(f)}
+
+    if not results.is_file():
         with open(results, "w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     images = test = None
@@ -142,8 +144,7 @@ def run(args) -> int:
             labels, flipped = symmetric_label_noise(clean, c, noise, seed=seed)
             for ratio in args.ratios:
                 for method in args.methods:
-                    key = (method, ratio, noise, seed)
-                    if key in done:
+                    if (method, ratio, noise, seed) in finished():
                         continue
                     # A finished selection is kept, so a run killed during training does not select again.
                     dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in dyn_methods else ""
