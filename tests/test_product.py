@@ -158,6 +158,7 @@ def test_config_file_and_overrides(folder, tmp_path, tiny_clip):
     (["score", "--embeddings", "UNALIGNED"], "run `clipsel adapt` first"),
     (["report", "--workdir", "EMPTY"], "run `clipsel select`"),
     (["bench"], "--data is required"),
+    (["bench", "--data", "FOLDER", "--methods", "clipsel", "magic"], "unknown --methods magic"),
     (["embed", "--data", "FOLDER", "--encoder", "ENC"], "give --out"),
 ])
 def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_clip, tmp_path, capsys):

@@ -58,6 +58,18 @@ def run(args) -> int:
     """Run the grid (rows already in WORKDIR/results.csv are skipped); 0 when done."""
     if not args.data:
         raise ValueError("--data is required: the CIFAR-10 zip (cifar10-jpeg/train and cifar10-jpeg/test inside)")
+    # Checked before hours of work, not when the grid reaches the method.
+    import importlib.util
+
+    from clipsel_jax.baselines import FEATURE_BASELINES
+
+    known = {"clipsel", "ccs", "confident_learning", "el2n", "grand", "forgetting", *FEATURE_BASELINES}
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if "confident_learning" in args.methods and not all(importlib.util.find_spec(m) for m in ("cleanlab", "sklearn")):
+        raise ValueError("the confident_learning baseline needs cleanlab and scikit-learn: pip install "
+                         "'clipsel_jax[bench]', or leave confident_learning out of --methods")
 
     import clipsel_jax as cs
     from clipsel_jax import baselines as bl
