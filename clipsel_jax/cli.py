@@ -328,6 +328,10 @@ def cmd_score(args) -> int:
     from clipsel_jax.scores import minmax, preferred_class, sample_diversity, semantic_alignment
     from clipsel_jax.selection import combined_score
 
+    alpha = _alpha(args.alpha)
+    if alpha == "paper" and args.ratio is None:
+        raise UsageError("--alpha paper sets alpha to the keep ratio: give --ratio too (or --alpha code / a number)")
+    a = alpha_value(alpha, args.ratio)
     e = _load_embeddings(args.embeddings)
     if e.image_emb.shape[1] != e.text_emb.shape[1]:
         raise UsageError(f"image dim {e.image_emb.shape[1]} != text dim {e.text_emb.shape[1]}: these embeddings are "
@@ -338,7 +342,6 @@ def cmd_score(args) -> int:
     sds, div = sample_diversity(e.image_emb, e.labels, n_classes, k_fraction=args.k_fraction, k=args.k_neighbors,
                                 reference_threshold=args.reference_threshold, reference_size=args.reference_size,
                                 seed=args.seed)
-    a = alpha_value(_alpha(args.alpha), args.ratio if args.ratio is not None else 0.1)
     c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), a))
     pref = preferred_class(e.image_emb, e.text_emb)
     out = Path(args.out)

@@ -156,6 +156,7 @@ def test_config_file_and_overrides(folder, tmp_path, tiny_clip):
     (["adapt"], "--embeddings is required"),
     (["adapt", "--embeddings", "EMB", "--adapter", "none"], "trains adapters"),
     (["score", "--embeddings", "UNALIGNED"], "run `clipsel adapt` first"),
+    (["score", "--embeddings", "UNALIGNED", "--alpha", "paper"], "give --ratio too"),
     (["report", "--workdir", "EMPTY"], "run `clipsel select`"),
     (["bench"], "--data is required"),
     (["bench", "--data", "FOLDER", "--methods", "clipsel", "magic"], "unknown --methods magic"),
