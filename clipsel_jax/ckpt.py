@@ -47,5 +47,13 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Only the JSON metadata of `step` (default: latest): to check a checkpoint belongs to this run before its
+        arrays (whose shapes may differ) are read."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def close(self):
         self.manager.close()

@@ -177,14 +177,19 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
     ckpt = None
     fingerprint = data_fingerprint(c[:, None], np.array([k, seed]), np.zeros((1, 1), np.float32))
     settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint}
+    rep = parallel.replicated(mesh)
+
+    def unpadded(state):  # checkpoints hold the n real samples: a run resumes on any device count
+        return jax.tree.map(lambda a: jax.device_put(a[:n], rep) if np.ndim(a) else a, state)
+
     if workdir is not None:
         ckpt = Checkpointer(workdir / "selection", max_to_keep=1)
         if ckpt.latest_step() is not None:
-            restored, meta = ckpt.restore(like=state)
-            if meta["settings"] == settings:
-                rep = parallel.replicated(mesh)
-                state = jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding if np.ndim(a) else rep),
-                                     restored)
+            if ckpt.restore_meta().get("settings") == settings:
+                restored, _ = ckpt.restore(like=unpadded(state))
+                state = jax.tree.map(
+                    lambda a: jax.device_put(np.pad(np.asarray(a), (0, n_pad - n)), sharding) if np.ndim(a)
+                    else jax.device_put(np.asarray(a), rep), restored)
             else:  # another run's state (other scores or settings): removed, never resumed or mixed in
                 ckpt.clear()
     tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
@@ -195,7 +200,7 @@ def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path |
         state = optimise_chunk(state, c_dev, jnp.float32(k), jnp.int32(min(cfg.max_steps, step + chunk_steps)), cfg,
                                n)
         if ckpt is not None:
-            ckpt.save(int(state[0]), state, {"settings": settings, "step": int(state[0])})
+            ckpt.save(int(state[0]), unpadded(state), {"settings": settings, "step": int(state[0])})
     if ckpt is not None:
         ckpt.close()
     return parallel.to_host(state[1])[:n], int(state[0]), float(state[3])

@@ -157,6 +157,32 @@ def test_selection_resumes_after_interruption(tmp_path, monkeypatch):
     assert resumed.meta["optimiser"]["steps"] == steps_before
 
 
+def test_selection_resumes_on_another_device_count(tmp_path, monkeypatch):
+    """A run killed on 4 devices resumes on 1 (a TPU VM restarted on a smaller slice): N = 1,201 pads differently
+    on each, yet the checkpoint is reused and the result is the uninterrupted one."""
+    x, y, text, _ = noisy_clusters(sizes=[400, 400, 401], classes=3, seed=8)
+    one = parallel.data_mesh(jax.devices()[:1])
+    ref = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, mesh=one)
+    calls = {"n": 0}
+    real = pipeline.optimise_chunk
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "optimise_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40)
+    calls["n"] = -1000
+    resumed = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40, mesh=one)
+    steps = ref.meta["optimiser"]["steps"]
+    assert steps > 120 and calls["n"] - (-1000) == -(-(steps - 80) // 40)  # resumed at step 80
+    np.testing.assert_array_equal(resumed.mask, ref.mask)
+    assert resumed.meta["optimiser"]["steps"] == steps
+
+
 def test_sds_k_shrinks_for_small_classes_and_one_class_works():
     x, y, text, _ = noisy_clusters(sizes=[40, 3, 1], classes=3, dim=8, flip=0.0, seed=6)
     sel = cs.select_from_embeddings(x, y, text, 0.5, adapter=None, k_neighbors=5)
