@@ -62,6 +62,40 @@ def to_host(y) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(y, tiled=True))
 
 
+def use_cpu_devices(n: int | str = "auto") -> int:
+    """Split this host's CPU into `n` JAX devices ("auto": one per core this process may run on), so the
+    data-parallel stages (the selection loop and SDS above all, which XLA runs on one thread per device) use every
+    core. Returns the count. No effect on GPU/TPU devices, which stay the default when present.
+
+    Must run before JAX initialises its backends (before the first array or device query); afterwards it only
+    checks. The same as setting JAX_NUM_CPU_DEVICES=n in the environment.
+    """
+    import os
+
+    if n == "auto":
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"--cpu-devices must be a positive integer or 'auto', got {n!r}") from None
+    if n < 1:
+        raise ValueError(f"--cpu-devices must be a positive integer or 'auto', got {n}")
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        try:
+            have = len(jax.local_devices(backend="cpu"))
+        except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS without cpu): nothing to split
+            return n
+        if have != n:
+            raise ValueError(f"JAX already runs with {have} CPU device(s); asking for {n} must happen before the "
+                             "first JAX computation (call use_cpu_devices first, or set JAX_NUM_CPU_DEVICES before "
+                             "starting Python)")
+        return n
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
 def initialize_distributed(mode: str = "auto") -> bool:
     """Join a multi-process run (a TPU pod slice, or several hosts/processes with a coordinator); True if joined.
 

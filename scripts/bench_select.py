@@ -74,7 +74,9 @@ def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, ref
     sel = cs.select_from_embeddings(x, labels, text, ratio, adapter=None, balance="global",
                                     reference_threshold=reference_threshold, reference_size=4096)
     total = time.perf_counter() - t0
-    res = {"n": n, "classes": classes, "dim": dim, "storage": storage, "ratio": ratio, "data_gen_s": round(gen_s, 1),
+    import jax
+
+    res = {"n": n, "classes": classes, "devices": jax.device_count(), "dim": dim, "storage": storage, "ratio": ratio, "data_gen_s": round(gen_s, 1),
            "ours_total_s": round(total, 2), **{f"ours_{k}": v for k, v in sel.meta["timings"].items()},
            "ours_steps": sel.meta["optimiser"]["steps"], "reference_threshold": reference_threshold,
            "peak_rss_gb_before_torch": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
@@ -106,11 +108,16 @@ def main():
                     help="classes larger than this use a 4,096-member reference sample for SDS (0: always exact)")
     ap.add_argument("--storage", default="float32", choices=["float32", "float16"],
                     help="dtype of the synthetic embeddings (float16 halves memory: 10M x 512 is 10 GB)")
+    ap.add_argument("--cpu-devices", default="auto",
+                    help="JAX CPU devices for our side (auto: one per core; the loop and SDS run one thread per device)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     ref = args.reference_threshold or None
     if args.one:
+        from clipsel_jax.parallel import use_cpu_devices
+
+        use_cpu_devices(args.cpu_devices)
         n, c = map(int, args.one.split(":"))
         print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref, args.storage)))
         return
@@ -118,7 +125,7 @@ def main():
     for case in args.cases:
         cmd = [sys.executable, __file__, "--one", case, "--dim", str(args.dim), "--ratio", str(args.ratio),
                "--torch-cap", str(args.torch_cap), "--reference-threshold", str(args.reference_threshold),
-               "--storage", args.storage]
+               "--storage", args.storage, "--cpu-devices", args.cpu_devices]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             results.append({"case": case, "error": out.stderr[-2000:]})

@@ -161,6 +161,9 @@ def test_config_file_and_overrides(folder, tmp_path, tiny_clip):
     (["bench"], "--data is required"),
     (["bench", "--data", "FOLDER", "--methods", "clipsel", "magic"], "unknown --methods magic"),
     (["embed", "--data", "FOLDER", "--encoder", "ENC"], "give --out"),
+    (["info", "--cpu-devices", "0"], "--cpu-devices must be a positive integer or 'auto', got 0"),
+    (["info", "--cpu-devices", "many"], "--cpu-devices must be a positive integer or 'auto', got 'many'"),
+    (["info", "--cpu-devices", "2"], "JAX already runs with 4 CPU device(s)"),  # this process started JAX
 ])
 def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_clip, tmp_path, capsys):
     (tmp_path / "bad.py").write_text("def get_config():\n    return {'colour': 'red'}\n")
@@ -201,6 +204,30 @@ def test_info_reports_hosts_and_devices(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["process_count"] == 1 and info["device_count"] >= 1 and info["backend"] == "cpu"
+
+
+def test_cpu_devices_split_the_host_and_keep_the_selection(tmp_path):
+    """`--cpu-devices 3` in a fresh process: JAX sees 3 CPU devices, and the selection from an embeddings file is the
+    one this process (4 devices) makes."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(300) % 3
+    centers = rng.normal(size=(3, 16)) * 2
+    np.savez(tmp_path / "emb.npz", image_emb=(centers[labels] + rng.normal(size=(300, 16))).astype(np.float32),
+             labels=labels, ids=np.arange(300), text_emb=centers.astype(np.float32), class_names=np.array(list("abc")),
+             prompts=np.array(["a {}"]))
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "info", "--cpu-devices", "3"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["device_count"] == 3, r.stderr
+    argv = ["select", "--embeddings", str(tmp_path / "emb.npz"), "--ratio", "0.4", "--adapter", "none", "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", *argv, "--workdir", str(tmp_path / "three"),
+                        "--cpu-devices", "3"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert main([*argv, "--workdir", str(tmp_path / "four")]) == 0
+    three, four = (json.loads((tmp_path / w / "meta.json").read_text()) for w in ("three", "four"))
+    assert three["versions"]["devices"] == 3 and four["versions"]["devices"] == 4
+    np.testing.assert_array_equal(np.load(tmp_path / "three" / "selection.npz")["indices"],
+                                  np.load(tmp_path / "four" / "selection.npz")["indices"])
 
 
 def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog")):
