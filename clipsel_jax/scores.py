@@ -145,6 +145,14 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
     labels = np.asarray(labels)
     mesh = mesh or parallel.data_mesh()
     n_dev = mesh.devices.size
+    # Classes of at most 1 / (2 x devices) of the data run whole, each on one device, spread over the devices
+    # (largest first, to the least loaded; async dispatch keeps them all busy): no padding of a class's queries
+    # to whole tiles on every device, which costs up to a fifth for classes of ~1k. Larger classes, and every class
+    # in a multi-process run (each process must compute them all), split their queries over the mesh instead.
+    spread = n_dev > 1 and jax.process_count() == 1
+    one_device_meshes = {d: jax.sharding.Mesh(np.array([d]), (parallel.DATA,)) for d in mesh.devices.flat}
+    load = dict.fromkeys(one_device_meshes, 0.0)
+    pending = []  # (members, n_c, result) not yet copied back
     rng = np.random.default_rng(seed)
     out = np.zeros(len(feats), np.float32)
     ks = np.zeros(num_classes, np.int64)
@@ -152,7 +160,8 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
     refs = np.zeros(num_classes, np.int64)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    for c in range(num_classes):
+    sizes = np.diff(bounds)
+    for c in np.argsort(-sizes, kind="stable"):  # largest first: the spread stays balanced
         members = order[bounds[c]:bounds[c + 1]]
         n_c = len(members)
         want = int(k) if k is not None else max(1, int(round(k_fraction * n_c)))
@@ -172,17 +181,27 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
         n_k = max(8, 1 << (len(key_idx) - 1).bit_length()) if len(key_idx) < 256 else _round_up(len(key_idx), 256)
         q_tile = min(query_tile, max(8, 1 << (n_c - 1).bit_length()),
                      max(1, 1 << (max_tile_elements // n_k).bit_length() - 1))
-        n_q = _round_up(n_c, q_tile * n_dev)
+        if spread and n_c * 2 * n_dev <= len(feats):
+            device = min(load, key=load.get)
+            load[device] += n_c * n_k
+            run_mesh, n_q = one_device_meshes[device], _round_up(n_c, q_tile)
+        else:
+            run_mesh, n_q = mesh, _round_up(n_c, q_tile * n_dev)
         queries = parallel.pad_rows(feats[members].astype(np.float32), n_q)
-        qid = np.full(n_q, -2, np.int64)
+        qid = np.full(n_q, -2, np.int32)
         qid[:n_c] = members
         keys = parallel.pad_rows(feats[key_idx].astype(np.float32), n_k)
-        kid = np.full(n_k, -1, np.int64)
+        kid = np.full(n_k, -1, np.int32)
         kid[: len(key_idx)] = key_idx
-        sds = _knn_mean_distance(jax.device_put(queries, parallel.batch_sharding(mesh)),
-                                 jax.device_put(qid.astype(np.int32), parallel.batch_sharding(mesh)),
-                                 jnp.asarray(keys), jnp.asarray(kid.astype(np.int32)), jnp.int32(kc),
-                                 query_tile=q_tile, mesh=mesh)
+        put = partial(jax.device_put, device=parallel.batch_sharding(run_mesh))
+        sds = _knn_mean_distance(put(queries), put(qid), jax.device_put(keys, parallel.replicated(run_mesh)),
+                                 jax.device_put(kid, parallel.replicated(run_mesh)), jnp.int32(kc),
+                                 query_tile=q_tile, mesh=run_mesh)
+        pending.append((members, n_c, sds))
+        while len(pending) > 2 * n_dev:  # bounded: at most a few classes' inputs in flight
+            members, n_c, sds = pending.pop(0)
+            out[members] = parallel.to_host(sds)[:n_c]
+    for members, n_c, sds in pending:
         out[members] = parallel.to_host(sds)[:n_c]
     return out, DiversityInfo(ks, ks_req, refs)
 

@@ -78,6 +78,19 @@ def test_sds_sharded_equals_single_device(data):
     np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
 
 
+def test_sds_spread_and_split_classes_agree_with_one_device():
+    """On 4 devices a class of 700 of 880 samples splits its queries over the devices; the small ones run whole,
+    each on one device. Both equal one device and brute force."""
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(5), [700, 50, 60, 40, 30])
+    x = (rng.normal(size=(5, 12))[y] * 2 + rng.normal(size=(len(y), 12))).astype(np.float32)
+    four, info = sample_diversity(x, y, 5, query_tile=16)
+    one, _ = sample_diversity(x, y, 5, query_tile=16, mesh=parallel.data_mesh(jax.devices()[:1]))
+    np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(four, brute_sds(x, y, 5), rtol=1e-4, atol=1e-4)
+    assert info.k.tolist() == [70, 5, 6, 4, 3]
+
+
 def test_sampled_reference_sds_is_close_to_exact():
     """Classes of 2,000 measured against 500 random members: mean abs error < 2% of the mean SDS, max < 8%,
     rank correlation within a class > 0.97 (measured: ~1.2%, ~5%, ~0.99)."""
