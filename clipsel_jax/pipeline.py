@@ -120,8 +120,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
 
     # 2. Scores.
     t1 = time.perf_counter()
-    sas = semantic_alignment(u, v, labels)
-    preferred = preferred_class(u, v)
+    sas = semantic_alignment(u, v, labels, mesh=mesh)
+    preferred = preferred_class(u, v, mesh=mesh)
     sds, div = sample_diversity(u, labels, num_classes, k_fraction=k_fraction, k=k_neighbors,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
                                 mesh=mesh)

@@ -28,31 +28,55 @@ def l2_normalize(x, axis=-1):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
+def _local_devices(mesh) -> list:
+    """Devices to spread independent row chunks over: the mesh's, in a single-process run; else the default one
+    (every process computes every row, so the result is the same everywhere)."""
+    mesh = mesh or parallel.data_mesh()
+    return list(mesh.devices.flat) if jax.process_count() == 1 else [jax.local_devices()[0]]
+
+
+def _rows_by_chunks(fn, rows: tuple, extra: tuple, out: np.ndarray, chunk: int, mesh) -> np.ndarray:
+    """out[i:i+chunk] = fn(*(r[i:i+chunk] for r in rows), *extra) for every chunk, the chunks dealt round-robin to
+    the devices and run asynchronously (a few in flight): host and device memory stay bounded for any N, and every
+    device works. Floating rows go as float32 (float16 storage is cast a chunk at a time)."""
+    devices = _local_devices(mesh)
+    extra_on = {d: [jax.device_put(e, d) for e in extra] for d in devices}
+
+    def put(r, sl, d):
+        part = np.asarray(r[sl])
+        return jax.device_put(part.astype(np.float32) if part.dtype.kind == "f" else part, d)
+
+    pending = []
+    for j, i in enumerate(range(0, len(out), chunk)):
+        d = devices[j % len(devices)]
+        pending.append((i, fn(*(put(r, slice(i, i + chunk), d) for r in rows), *extra_on[d])))
+        while len(pending) > 2 * len(devices):
+            i0, y = pending.pop(0)
+            out[i0:i0 + len(y)] = np.asarray(y)
+    for i0, y in pending:
+        out[i0:i0 + len(y)] = np.asarray(y)
+    return out
+
+
 def semantic_alignment(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
-                       chunk: int = 65536) -> np.ndarray:
-    """SAS: cosine between each sample's image feature and its label's prompt feature. float32 (N,).
-    Rows go to the device in chunks, so host and device memory stay bounded for any N."""
+                       chunk: int = 65536, mesh=None) -> np.ndarray:
+    """SAS: cosine between each sample's image feature and its label's prompt feature. float32 (N,)."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
     out = np.empty(len(image_feats), np.float32)
-    for i in range(0, len(image_feats), chunk):
-        out[i:i + chunk] = _cosine_to_label(jnp.asarray(image_feats[i:i + chunk], jnp.float32), txt,
-                                            jnp.asarray(labels[i:i + chunk]))
-    return out
+    return _rows_by_chunks(_cosine_to_label, (image_feats, np.asarray(labels)), (txt,), out, chunk, mesh)
 
 
 @jax.jit
-def _cosine_to_label(img, txt, labels):
+def _cosine_to_label(img, labels, txt):
     return jnp.sum(l2_normalize(img) * txt[labels], axis=-1)
 
 
-def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = 65536, mesh=None) -> np.ndarray:
     """The class whose prompt each image is closest to (cosine), int64 (N,). Where it differs from the label,
     the sample is a candidate mislabel: the report shows both."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
-    out = np.empty(len(image_feats), np.int64)
-    for i in range(0, len(image_feats), chunk):
-        out[i:i + chunk] = _closest_prompt(jnp.asarray(image_feats[i:i + chunk], jnp.float32), txt)
-    return out
+    return _rows_by_chunks(_closest_prompt, (image_feats,), (txt,), np.empty(len(image_feats), np.int64), chunk,
+                           mesh)
 
 
 @jax.jit
