@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -114,9 +112,9 @@ def _common(p):
                    help="multi-process run: auto joins when JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID "
                         "are set or on a multi-host Cloud TPU VM")
     p.add_argument("--cpu-devices", metavar="N|auto",
-                   help="split the CPU into N JAX devices so the data-parallel stages use every core of a CPU-only "
-                        "host (no effect on GPU/TPU devices). Default: auto (one per core), unless "
-                        "JAX_NUM_CPU_DEVICES or XLA_FLAGS' host device count already set it")
+                   help="split the CPU into N JAX devices (auto: one per core); the data-parallel stages then run "
+                        "one shard per core. No effect on GPU/TPU. Default: JAX's (one CPU device, or "
+                        "JAX_NUM_CPU_DEVICES)")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -518,14 +516,6 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-def _default_cpu_devices() -> str | int:
-    """'auto' (one JAX CPU device per core), unless the environment already chose a count (then that one)."""
-    if os.environ.get("JAX_NUM_CPU_DEVICES"):
-        return os.environ["JAX_NUM_CPU_DEVICES"]
-    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    return int(flag.group(1)) if flag else "auto"
-
-
 def main(argv: list[str] | None = None) -> int:
     from clipsel_jax.weights import CheckpointError
 
@@ -540,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from clipsel_jax.parallel import initialize_distributed, use_cpu_devices
 
-        use_cpu_devices(args.cpu_devices if args.cpu_devices is not None else _default_cpu_devices())
+        if args.cpu_devices is not None:
+            use_cpu_devices(args.cpu_devices)
         initialize_distributed(args.distributed)
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError, CheckpointError) as e:  # ours say what is wrong, what to do

@@ -177,7 +177,6 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
     one_device_meshes = {d: jax.sharding.Mesh(np.array([d]), (parallel.DATA,)) for d in mesh.devices.flat}
     load = dict.fromkeys(one_device_meshes, 0.0)
     pending = []  # (members, n_c, result) not yet copied back
-    rng = np.random.default_rng(seed)
     out = np.zeros(len(feats), np.float32)
     ks = np.zeros(num_classes, np.int64)
     ks_req = np.zeros(num_classes, np.int64)
@@ -196,7 +195,8 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
         key_idx = members
         kc = min(want, n_c - 1)
         if reference_threshold is not None and n_c > reference_threshold and reference_size < n_c:
-            key_idx = np.sort(rng.choice(members, reference_size, replace=False))
+            # Seeded per class: the sample does not depend on the order the classes are computed in.
+            key_idx = np.sort(np.random.default_rng([seed, int(c)]).choice(members, reference_size, replace=False))
             kc = max(1, min(int(round(kc * reference_size / (n_c - 1))), reference_size - 1))
         ks[c], refs[c] = kc, len(key_idx)
         # Key counts are rounded up (to a power of two below 256, else a multiple of 256) so that classes of

@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--torch-workers", type=int, default=1,
                     help="DataLoader worker processes (1 was faster than 2 on 2 cores)")
     ap.add_argument("--threads", type=int, default=None, help="grain read threads (default 2 x CPUs)")
-    ap.add_argument("--cpu-devices", default="auto", help="JAX CPU devices for our side (auto: one per core)")
+    ap.add_argument("--cpu-devices", default="1", help="JAX CPU devices for our side (auto: one per core)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     from clipsel_jax.parallel import use_cpu_devices

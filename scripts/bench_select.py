@@ -108,7 +108,7 @@ def main():
                     help="classes larger than this use a 4,096-member reference sample for SDS (0: always exact)")
     ap.add_argument("--storage", default="float32", choices=["float32", "float16"],
                     help="dtype of the synthetic embeddings (float16 halves memory: 10M x 512 is 10 GB)")
-    ap.add_argument("--cpu-devices", default="auto",
+    ap.add_argument("--cpu-devices", default="1",
                     help="JAX CPU devices for our side (auto: one per core; the loop and SDS run one thread per device)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)

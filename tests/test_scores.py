@@ -108,6 +108,15 @@ def test_sampled_reference_sds_is_close_to_exact():
         assert np.corrcoef(rank(exact[m]), rank(approx[m]))[0, 1] > 0.97
 
 
+def test_sampled_reference_of_a_class_does_not_depend_on_the_other_classes():
+    rng = np.random.default_rng(6)
+    y = np.repeat([0, 1], [1500, 2000])  # class 1 is larger: it is computed first
+    x = rng.normal(size=(len(y), 8)).astype(np.float32)
+    both, _ = sample_diversity(x, y, 2, reference_threshold=1000, reference_size=300, seed=1)
+    alone, _ = sample_diversity(x[y == 0], y[y == 0], 2, reference_threshold=1000, reference_size=300, seed=1)
+    np.testing.assert_array_equal(both[y == 0], alone)
+
+
 def test_minmax():
     np.testing.assert_allclose(minmax(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
     assert minmax(np.ones(3)).tolist() == [0, 0, 0]
