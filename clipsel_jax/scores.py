@@ -223,10 +223,10 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
                                  query_tile=q_tile, mesh=run_mesh)
         pending.append((members, n_c, sds))
         while len(pending) > 2 * n_dev:  # bounded: at most a few classes' inputs in flight
-            members, n_c, sds = pending.pop(0)
-            out[members] = parallel.to_host(sds)[:n_c]
-    for members, n_c, sds in pending:
-        out[members] = parallel.to_host(sds)[:n_c]
+            done_members, done_n, done_sds = pending.pop(0)
+            out[done_members] = parallel.to_host(done_sds)[:done_n]
+    for done_members, done_n, done_sds in pending:
+        out[done_members] = parallel.to_host(done_sds)[:done_n]
     return out, DiversityInfo(ks, ks_req, refs)
 
 
