@@ -76,7 +76,8 @@ def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, ref
     total = time.perf_counter() - t0
     import jax
 
-    res = {"n": n, "classes": classes, "devices": jax.device_count(), "dim": dim, "storage": storage, "ratio": ratio, "data_gen_s": round(gen_s, 1),
+    res = {"n": n, "classes": classes, "devices": jax.device_count(), "dim": dim, "storage": storage, "ratio": ratio,
+           "data_gen_s": round(gen_s, 1),
            "ours_total_s": round(total, 2), **{f"ours_{k}": v for k, v in sel.meta["timings"].items()},
            "ours_steps": sel.meta["optimiser"]["steps"], "reference_threshold": reference_threshold,
            "peak_rss_gb_before_torch": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
@@ -109,7 +110,7 @@ def main():
     ap.add_argument("--storage", default="float32", choices=["float32", "float16"],
                     help="dtype of the synthetic embeddings (float16 halves memory: 10M x 512 is 10 GB)")
     ap.add_argument("--cpu-devices", default="1",
-                    help="JAX CPU devices for our side (auto: one per core; the loop and SDS run one thread per device)")
+                    help="JAX CPU devices for our side (auto: one per core)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
