@@ -247,15 +247,20 @@ def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
     data = _fake_cifar_zip(tmp_path / "c.zip")
     work = tmp_path / "bench"
     argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip[0]),
-            "--methods", "clipsel", "random", "moderate_ds", "--ratios", "0.5", "--noise", "0.0", "0.2",
+            "--methods", "clipsel", "random", "moderate_ds", "full", "--ratios", "0.5", "--noise", "0.0", "0.2",
             "--seeds", "0", "--train-steps", "2", "--train-width", "4"]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(work / "results.csv")))
-    assert len(rows) == 6 and all(r["test_accuracy"] != "" and int(r["kept"]) == 9 for r in rows)
-    assert (work / "results.png").stat().st_size > 1000 and "| 20% | 50% | clipsel |" in (work / "results.md").read_text()
-    assert len(list((work / "selections").glob("*.npz"))) == 6
+    assert len(rows) == 8 and all(r["test_accuracy"] != "" for r in rows)
+    assert sorted((r["method"], r["ratio"], int(r["kept"])) for r in rows if r["noise"] == "0.2") == [
+        ("clipsel", "0.5", 9), ("full", "1.0", 18), ("moderate_ds", "0.5", 9), ("random", "0.5", 9)]
+    full = [r for r in rows if r["method"] == "full"]  # the reference keeps every sample, mislabeled ones too
+    assert [float(r["mislabeled_kept_frac"]) for r in full] == [float(r["mislabeled_full_frac"]) for r in full]
+    md = (work / "results.md").read_text()
+    assert (work / "results.png").stat().st_size > 1000 and "| 20% | 50% | clipsel |" in md and "| 20% | 100% | full |" in md
+    assert len(list((work / "selections").glob("*.npz"))) == 8
     assert main(argv) == 0  # a rerun finds every row done
-    assert len(list(csv.DictReader(open(work / "results.csv")))) == 6
+    assert len(list(csv.DictReader(open(work / "results.csv")))) == 8
     capsys.readouterr()
     assert main(argv[:-2] + ["--train-width", "8"]) == 2  # another setting is refused, never mixed in
     assert "holds results of another setting" in capsys.readouterr().err

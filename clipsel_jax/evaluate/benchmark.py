@@ -3,13 +3,14 @@ label-noise settings x seeds on CIFAR-10, resumable.
 
 For each setting: the mislabeled fraction inside the kept subset, the per-class kept fractions' spread, the
 selection cost (seconds), and with --train-epochs > 0 the clean-test accuracy of the small CNN trained on the
-subset (clipsel_jax.evaluate; --train-steps gives every subset the same budget of SGD steps). Embeddings of the training images are computed once with the encoder (cached in
---workdir, resumable); label noise is applied to the labels afterwards (it does not change the images). Each
+subset (clipsel_jax.evaluate; --train-steps gives every subset the same budget of SGD steps); method "full" trains
+on the whole training set, the reference every subset is measured against. Embeddings of the training images are
+computed once with the encoder (cached in --workdir, resumable); label noise is applied to the labels afterwards (it does not change the images). Each
 finished row is appended to results.csv at once, each finished selection is kept under selections/, and a
 rerun skips what is there. A markdown table (results.md) and a plot (results.png) are written at the end.
 
     clipsel bench --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \
-        [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting] \
+        [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting full] \
         [--ratios 0.3 0.5 0.7] \
         [--noise 0.0 0.2] [--seeds 0 1 2] [--train-steps 300 --train-width 16] [--limit N]
 """
@@ -41,7 +42,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--workdir", default="out/quality", help="results, caches (resumable)")
     ap.add_argument("--encoder", default="offline")
     ap.add_argument("--methods", nargs="+", default=["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs",
-                                                     "confident_learning", "el2n", "grand", "forgetting"])
+                                                     "confident_learning", "el2n", "grand", "forgetting", "full"],
+                    help="'full' is the reference: the whole training set, one row per noise and seed (keep 1.0)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2], help="symmetric label-noise fractions")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -63,7 +65,7 @@ def run(args) -> int:
 
     from clipsel_jax.baselines import FEATURE_BASELINES
 
-    known = {"clipsel", "ccs", "confident_learning", "el2n", "grand", "forgetting", *FEATURE_BASELINES}
+    known = {"clipsel", "ccs", "confident_learning", "el2n", "grand", "forgetting", "full", *FEATURE_BASELINES}
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise ValueError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
@@ -132,7 +134,9 @@ def run(args) -> int:
     def run_method(method, ratio, noise, seed, labels):
         st = per_labels.setdefault((noise, seed), {})
         t0 = time.perf_counter()
-        if method == "clipsel":
+        if method == "full":  # the reference: every sample, trained at the same budget
+            idx = np.arange(len(labels))
+        elif method == "clipsel":
             sel = cs.select_from_embeddings(emb.image_emb, labels, emb.text_emb, ratio, seed=seed)
             idx = sel.indices
             st["sas"] = sel.scores["sas"]
@@ -154,32 +158,34 @@ def run(args) -> int:
     for noise in args.noise:
         for seed in args.seeds:
             labels, flipped = symmetric_label_noise(clean, c, noise, seed=seed)
-            for ratio in args.ratios:
-                for method in args.methods:
-                    if (method, ratio, noise, seed) in finished():
-                        continue
-                    # A finished selection is kept, so a run killed during training does not select again.
-                    dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in dyn_methods else ""
-                    cached = work / "selections" / f"{method}{dyn}_r{ratio}_n{noise}_s{seed}.npz"
-                    if cached.is_file():
-                        with np.load(cached) as z:
-                            idx, select_s = z["indices"], float(z["select_s"])
-                    else:
-                        idx, select_s = run_method(method, ratio, noise, seed, labels)
-                        np.savez(cached, indices=idx, select_s=select_s)
-                    frac = np.bincount(labels[idx], minlength=c) / np.maximum(np.bincount(labels, minlength=c), 1)
-                    row = {"method": method, "ratio": ratio, "noise": noise, "seed": seed, "kept": len(idx),
-                           "mislabeled_kept_frac": round(float(flipped[idx].mean()), 5),
-                           "mislabeled_full_frac": round(float(flipped.mean()), 5),
-                           "class_frac_min": round(float(frac.min()), 4), "class_frac_max": round(float(frac.max()), 4),
-                           "select_s": round(select_s, 2), "test_accuracy": "", "train_s": ""}
-                    if train:
-                        r = train_classifier(images, labels, c, test[0], test[1], indices=idx,
-                                             config=train_cfg, seed=seed)
-                        row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
-                    with open(results, "a", newline="") as f:
-                        csv.DictWriter(f, FIELDS).writerow(row)
-                    print(json.dumps(row), flush=True)
+            # "full" (the whole training set) is one row per noise and seed, filed under keep ratio 1.0.
+            grid = [(r, m) for r in args.ratios for m in args.methods if m != "full"]
+            grid += [(1.0, "full")] if "full" in args.methods else []
+            for ratio, method in grid:
+                if (method, ratio, noise, seed) in finished():
+                    continue
+                # A finished selection is kept, so a run killed during training does not select again.
+                dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in dyn_methods else ""
+                cached = work / "selections" / f"{method}{dyn}_r{ratio}_n{noise}_s{seed}.npz"
+                if cached.is_file():
+                    with np.load(cached) as z:
+                        idx, select_s = z["indices"], float(z["select_s"])
+                else:
+                    idx, select_s = run_method(method, ratio, noise, seed, labels)
+                    np.savez(cached, indices=idx, select_s=select_s)
+                frac = np.bincount(labels[idx], minlength=c) / np.maximum(np.bincount(labels, minlength=c), 1)
+                row = {"method": method, "ratio": ratio, "noise": noise, "seed": seed, "kept": len(idx),
+                       "mislabeled_kept_frac": round(float(flipped[idx].mean()), 5),
+                       "mislabeled_full_frac": round(float(flipped.mean()), 5),
+                       "class_frac_min": round(float(frac.min()), 4), "class_frac_max": round(float(frac.max()), 4),
+                       "select_s": round(select_s, 2), "test_accuracy": "", "train_s": ""}
+                if train:
+                    r = train_classifier(images, labels, c, test[0], test[1], indices=idx,
+                                         config=train_cfg, seed=seed)
+                    row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
+                with open(results, "a", newline="") as f:
+                    csv.DictWriter(f, FIELDS).writerow(row)
+                print(json.dumps(row), flush=True)
     write_table(results, work / "results.md", names)
     write_plot(results, work / "results.png")
     print(f"results: {results}, {work / 'results.md'}, {work / 'results.png'}", file=sys.stderr)
@@ -265,7 +271,9 @@ def write_plot(results: Path, out: Path) -> None:
                 for r in rows:
                     if r["method"] == m and float(r["noise"]) == noise and r[field]:
                         pts.setdefault(float(r["ratio"]), []).append(float(r[field]))
-                if pts:
+                if pts and m == "full":  # a reference level, not a curve over ratios
+                    ax.axhline(np.mean(pts[1.0]), color="k", ls="--", lw=1, label="full set")
+                elif pts:
                     xs = sorted(pts)
                     ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs], marker="o",
                                 capsize=3, label=m, lw=2.5 if m == "clipsel" else 1)
