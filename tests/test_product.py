@@ -266,6 +266,33 @@ def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
     assert "holds results of another setting" in capsys.readouterr().err
 
 
+def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_clip, monkeypatch, capsys):
+    """Two workers may start the same row; the second to finish it must not append it again."""
+    import clipsel_jax.evaluate as ev
+    from clipsel_jax.evaluate.benchmark import FIELDS
+
+    work = tmp_path / "bench"
+    real = ev.train_classifier
+
+    def train_while_another_worker_finishes_the_row(*args, **kwargs):
+        result = real(*args, **kwargs)
+        with open(work / "results.csv", "a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerow({"method": "random", "ratio": 0.5, "noise": 0.0, "seed": 0, "kept": 9,
+                                                "mislabeled_kept_frac": 0.0, "mislabeled_full_frac": 0.0,
+                                                "class_frac_min": 0.5, "class_frac_max": 0.5, "select_s": 0.0,
+                                                "test_accuracy": 0.5, "train_s": 1.0})
+        return result
+
+    monkeypatch.setattr(ev, "train_classifier", train_while_another_worker_finishes_the_row)
+    argv = ["bench", "--data", str(_fake_cifar_zip(tmp_path / "c.zip")), "--workdir", str(work), "--encoder",
+            str(tiny_clip[0]), "--methods", "random", "--ratios", "0.5", "--noise", "0.0", "--seeds", "0",
+            "--train-steps", "2", "--train-width", "4"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(work / "results.csv")))
+    assert [(r["method"], r["test_accuracy"]) for r in rows] == [("random", "0.5")]  # the other worker's row, once
+    assert "another worker wrote this row first" in capsys.readouterr().err
+
+
 def test_demo_set_and_the_readme_first_command(tmp_path):
     """The README's first command (after setup): `clipsel select --config configs/demo.py`, offline, on the
     2,000-image demo set shipped in the package; most of the 100 deliberately mislabeled images are dropped."""

@@ -18,6 +18,7 @@ rerun skips what is there. A markdown table (results.md) and a plot (results.png
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import sys
 import time
@@ -183,7 +184,13 @@ def run(args) -> int:
                     r = train_classifier(images, labels, c, test[0], test[1], indices=idx,
                                          config=train_cfg, seed=seed)
                     row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
+                # Under a lock, and only if no other worker sharing the workdir finished the same row meanwhile.
                 with open(results, "a", newline="") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    if (method, ratio, noise, seed) in finished():
+                        print(f"{method} keep {ratio} noise {noise} seed {seed}: another worker wrote this row "
+                              "first; not added twice", file=sys.stderr)
+                        continue
                     csv.DictWriter(f, FIELDS).writerow(row)
                 print(json.dumps(row), flush=True)
     write_table(results, work / "results.md", names)
