@@ -5,9 +5,10 @@ For each setting: the mislabeled fraction inside the kept subset, the per-class 
 selection cost (seconds), and with --train-epochs > 0 the clean-test accuracy of the small CNN trained on the
 subset (clipsel_jax.evaluate; --train-steps gives every subset the same budget of SGD steps); method "full" trains
 on the whole training set, the reference every subset is measured against. Embeddings of the training images are
-computed once with the encoder (cached in --workdir, resumable); label noise is applied to the labels afterwards (it does not change the images). Each
-finished row is appended to results.csv at once, each finished selection is kept under selections/, and a
-rerun skips what is there. A markdown table (results.md) and a plot (results.png) are written at the end.
+computed once with the encoder (cached in --workdir, resumable); label noise is applied to the labels afterwards
+(it does not change the images). Each finished row is appended to results.csv at once (never twice, when several
+workers share the workdir), each finished selection is kept under selections/, and a rerun skips what is there.
+A markdown table (results.md) and a plot (results.png) are written at the end.
 
     clipsel bench --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \
         [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting full] \
