@@ -257,7 +257,8 @@ def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
     full = [r for r in rows if r["method"] == "full"]  # the reference keeps every sample, mislabeled ones too
     assert [float(r["mislabeled_kept_frac"]) for r in full] == [float(r["mislabeled_full_frac"]) for r in full]
     md = (work / "results.md").read_text()
-    assert (work / "results.png").stat().st_size > 1000 and "| 20% | 50% | clipsel |" in md and "| 20% | 100% | full |" in md
+    assert (work / "results.png").stat().st_size > 1000
+    assert "| 20% | 50% | clipsel |" in md and "| 20% | 100% | full |" in md
     assert len(list((work / "selections").glob("*.npz"))) == 8
     assert main(argv) == 0  # a rerun finds every row done
     assert len(list(csv.DictReader(open(work / "results.csv")))) == 8
