@@ -102,6 +102,9 @@ def _method_args(p, adapt=True, score=True, select=True):
                        help="class: each class keeps round(ratio * n_c); global: the paper's top-k overall")
         g.add_argument("--beta", type=float, default=2.0, help="weight of the count constraint")
         g.add_argument("--max-steps", type=int, default=100_000, help="optimiser steps at most")
+        g.add_argument("--loop", default="band", choices=["band", "full"],
+                       help="band: the optimiser on the samples around rank k (same result, far less work); "
+                            "full: on every sample")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -197,7 +200,7 @@ def _select_options(args) -> dict:
     return dict(adapter=_adapter_config(args), balance=args.balance, alpha=_alpha(args.alpha), beta=args.beta,
                 k_neighbors=args.k_neighbors, k_fraction=args.k_fraction,
                 reference_threshold=args.reference_threshold, reference_size=args.reference_size,
-                selection=SelectionConfig(max_steps=args.max_steps))
+                selection=SelectionConfig(max_steps=args.max_steps, loop=args.loop))
 
 
 def _load_embeddings(path, what="--embeddings"):
@@ -329,7 +332,7 @@ def cmd_score(args) -> int:
     import numpy as np
 
     from clipsel_jax.pipeline import alpha_value
-    from clipsel_jax.scores import minmax, preferred_class, sample_diversity, semantic_alignment
+    from clipsel_jax.scores import alignment_and_preferred_class, minmax, sample_diversity
     from clipsel_jax.selection import combined_score
 
     alpha = _alpha(args.alpha)
@@ -342,12 +345,11 @@ def cmd_score(args) -> int:
                          "not aligned; run `clipsel adapt` first and score its output")
     t0 = time.perf_counter()
     n_classes = len(e.class_names)
-    sas = semantic_alignment(e.image_emb, e.text_emb, e.labels)
+    sas, pref = alignment_and_preferred_class(e.image_emb, e.text_emb, e.labels)
     sds, div = sample_diversity(e.image_emb, e.labels, n_classes, k_fraction=args.k_fraction, k=args.k_neighbors,
                                 reference_threshold=args.reference_threshold, reference_size=args.reference_size,
                                 seed=args.seed)
     c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), a))
-    pref = preferred_class(e.image_emb, e.text_emb)
     out = Path(args.out)
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)

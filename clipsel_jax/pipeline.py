@@ -14,8 +14,10 @@ import numpy as np
 from clipsel_jax import parallel
 from clipsel_jax.adapt import AdaptConfig, apply_adapters, data_fingerprint, train_adapters
 from clipsel_jax.ckpt import Checkpointer
-from clipsel_jax.scores import minmax, preferred_class, sample_diversity, semantic_alignment
-from clipsel_jax.selection import SelectionConfig, combined_score, init_state, optimise_chunk, rank_and_take
+from clipsel_jax.scores import alignment_and_preferred_class, minmax, sample_diversity
+from clipsel_jax.selection import (SelectionConfig, band_failure, band_with_passengers, combined_score, decisive_band,
+                                  init_state, loop_done, optimise_chunk, rank_and_take, ranking_key,
+                                  selected_prefix)
 
 
 @dataclass
@@ -120,8 +122,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
 
     # 2. Scores.
     t1 = time.perf_counter()
-    sas = semantic_alignment(u, v, labels, mesh=mesh)
-    preferred = preferred_class(u, v, mesh=mesh)
+    sas, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh)
     sds, div = sample_diversity(u, labels, num_classes, k_fraction=k_fraction, k=k_neighbors,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
                                 mesh=mesh)
@@ -130,7 +131,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
 
     # 3. Selection optimisation (resumable in chunks of steps), then exactly k by rank.
     t2 = time.perf_counter()
-    d, steps, count = _optimise(c, k, sel_cfg, mesh, workdir, chunk_steps, seed)
+    d, steps, count, how = _optimise(c, k, sel_cfg, mesh, workdir, chunk_steps, seed)
     keep = rank_and_take(d, c, k, labels if balance == "class" else None, num_classes)
     timings["select_s"] = time.perf_counter() - t2
     mask = np.zeros(n, bool)
@@ -144,7 +145,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         "adapter": dataclasses.asdict(adapter) if adapter is not None else None,
         "adapter_loss": history["loss"] if history else None,
         "optimiser": {"steps": int(steps), "count_at_stop": int(count),
-                      "converged": bool(abs(count - k) < (sel_cfg.tolerance or n / 2000))},
+                      "converged": bool(abs(count - k) < (sel_cfg.tolerance or n / 2000)), **how},
         "sds_k": {"requested": div.k_requested.tolist(), "used": div.k.tolist(),
                   "reference_size": div.reference_size.tolist(),
                   "shrunk_classes": shrunk.tolist()},
@@ -166,44 +167,77 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
 
 
 def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path | None, chunk_steps: int, seed: int):
-    """Run the selection loop in chunks of steps, checkpointing (d, optimiser state) after each chunk."""
+    """The selection loop: on the decisive band (cfg.loop == "band", when its premise holds) or on every sample.
+    Returns (a ranking key that orders as the full loop's d, steps, count at stop, how it ran)."""
     n = len(c)
-    n_pad = parallel.round_up(n, mesh.devices.size)
-    sharding = parallel.batch_sharding(mesh)
-    c_pad = np.zeros(n_pad, np.float32)  # entries past n are padding, masked inside the loss
-    c_pad[:n] = c
+    fingerprint = data_fingerprint(c[:, None], np.array([k, seed]), np.zeros((1, 1), np.float32))
+    settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint}
+    band = decisive_band(c, k, cfg) if cfg.loop == "band" else None
+    if band is not None:
+        order, lo, hi = band
+        c_band = c[order[lo:hi]]
+        d_band, steps, count = _run_loop(c_band, k, cfg, n, mesh, workdir and workdir / "selection_band",
+                                         chunk_steps, {**settings, "band": [lo, hi]}, band=(lo, n - hi))
+        fallback = band_failure(d_band)
+        if fallback is None and (d_band[-1] > 0 or d_band[0] <= 0):
+            # Stopped at max_steps with the count outside the band's range: count the selected samples past the
+            # band's end (all of the band selected) or before its start (none of it selected).
+            def d_of(passengers):
+                d_rerun, d_pass = band_with_passengers(c_band, passengers, k, steps, cfg, n, lo, n - hi)
+                if not np.array_equal(d_rerun, d_band):
+                    raise RuntimeError("the band loop did not repeat itself bit for bit; rerun with loop='full' "
+                                       "(--loop full) and report this")
+                return d_pass
+
+            past = selected_prefix(c[order[hi:]], d_of) if d_band[-1] > 0 else selected_prefix(c[order[:lo]], d_of)
+            fallback = "d out of the order of c outside the band" if past is None else None
+            count = hi + (past or 0) if d_band[-1] > 0 else (past or 0)
+        if fallback is None:
+            return ranking_key(d_band, order, lo, hi), steps, float(count), {"loop": "band", "band": [lo, hi]}
+    else:
+        fallback = "loop='full'" if cfg.loop == "full" else "init <= 0: the band loop does not apply"
+    d, steps, count = _run_loop(c, k, cfg, n, mesh, workdir and workdir / "selection", chunk_steps, settings)
+    return d, steps, count, {"loop": "full", "why": fallback}
+
+
+def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_dir: Path | None, chunk_steps: int,
+              settings: dict, band: tuple[int, int] | None = None):
+    """Run optimise_chunk in chunks of steps over c (all n samples, or the band with `band` = (samples above it,
+    samples below it)), checkpointing (d, optimiser state) after each chunk; a rerun resumes from the checkpoint.
+    All n samples are split over the mesh; the band (a few thousand) is replicated. Returns (d, steps, count)."""
+    m = len(c)
+    m_pad = m if band is not None else parallel.round_up(m, mesh.devices.size)
+    sharding = parallel.replicated(mesh) if band is not None else parallel.batch_sharding(mesh)
+    c_pad = np.zeros(m_pad, np.float32)  # entries past m are padding, masked inside the loss
+    c_pad[:m] = c
     c_dev = jax.device_put(c_pad, sharding)
     state = init_state(c_dev, cfg, n)
     ckpt = None
-    fingerprint = data_fingerprint(c[:, None], np.array([k, seed]), np.zeros((1, 1), np.float32))
-    settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint}
     rep = parallel.replicated(mesh)
 
-    def unpadded(state):  # checkpoints hold the n real samples: a run resumes on any device count
-        return jax.tree.map(lambda a: jax.device_put(a[:n], rep) if np.ndim(a) else a, state)
+    def unpadded(state):  # checkpoints hold the m real samples: a run resumes on any device count
+        return jax.tree.map(lambda a: jax.device_put(a[:m], rep) if np.ndim(a) else a, state)
 
-    if workdir is not None:
-        ckpt = Checkpointer(workdir / "selection", max_to_keep=1)
+    if ckpt_dir is not None:
+        ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
         if ckpt.latest_step() is not None:
             if ckpt.restore_meta().get("settings") == settings:
                 restored, _ = ckpt.restore(like=unpadded(state))
                 state = jax.tree.map(
-                    lambda a: jax.device_put(np.pad(np.asarray(a), (0, n_pad - n)), sharding) if np.ndim(a)
+                    lambda a: jax.device_put(np.pad(np.asarray(a), (0, m_pad - m)), sharding) if np.ndim(a)
                     else jax.device_put(np.asarray(a), rep), restored)
             else:  # another run's state (other scores or settings): removed, never resumed or mixed in
                 ckpt.clear()
-    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
-    while True:
-        step, count = int(state[0]), float(state[3])
-        if step >= cfg.max_steps or abs(count - k) < tol:
-            break
-        state = optimise_chunk(state, c_dev, jnp.float32(k), jnp.int32(min(cfg.max_steps, step + chunk_steps)), cfg,
-                               n)
+    above, below = band or (0, 0)
+    while not loop_done(int(state[0]), float(state[3]), k, cfg, n):
+        stop = jnp.int32(min(cfg.max_steps, int(state[0]) + chunk_steps))
+        state = optimise_chunk(state, c_dev, jnp.float32(k), stop, cfg, n, m, m if band else None,
+                               jnp.float32(above), jnp.float32(below))
         if ckpt is not None:
             ckpt.save(int(state[0]), unpadded(state), {"settings": settings, "step": int(state[0])})
     if ckpt is not None:
         ckpt.close()
-    return parallel.to_host(state[1])[:n], int(state[0]), float(state[3])
+    return parallel.to_host(state[1])[:m], int(state[0]), float(state[3])
 
 
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,

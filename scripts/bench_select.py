@@ -2,7 +2,9 @@
 
 For each N (and C), in a fresh subprocess so peak memory is per case: class-clustered float32 embeddings (D=512),
 text embeddings near the class centres; then `select_from_embeddings(adapter=None)` (SAS, per-class SDS, the STE
-optimiser, exact k). Reported: seconds per stage and the process's peak resident memory.
+optimiser, exact k). Reported: seconds per stage and the process's peak resident memory. The optimiser runs as
+shipped (loop="band": the decisive band only) and then, unless --no-full-loop, over all N parameters
+(loop="full"), like for like with the PyTorch loop; both must give the same steps, count and selection.
 
 The PyTorch side re-creates the authors' loop faithfully (SGD lr 1e-3, momentum 0.9, STE via detach, loss as in
 their code, stop when |sum(b) - k| < N/2000, at most 100,000 steps) on the same normalised scores, capped at
@@ -64,7 +66,7 @@ def torch_loop(sas, sds, k, alpha=0.1, beta=2.0, cap_s=120.0, max_steps=100_000,
 
 
 def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, reference_threshold: int | None,
-             storage: str = "float32", torch_device: str = "auto"):
+             storage: str = "float32", torch_device: str = "auto", full_loop: bool = True):
     import clipsel_jax as cs
     from clipsel_jax.scores import minmax
 
@@ -81,7 +83,22 @@ def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, ref
            "data_gen_s": round(gen_s, 1),
            "ours_total_s": round(total, 2), **{f"ours_{k}": v for k, v in sel.meta["timings"].items()},
            "ours_steps": sel.meta["optimiser"]["steps"], "reference_threshold": reference_threshold,
+           "loop": sel.meta["optimiser"]["loop"], "ours_count": sel.meta["optimiser"]["count_at_stop"],
            "peak_rss_gb_before_torch": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if full_loop:  # our loop over all N parameters, like for like with PyTorch's; it must select the same samples
+        import numpy as np
+
+        from clipsel_jax import parallel, pipeline
+        from clipsel_jax.selection import SelectionConfig, rank_and_take
+
+        c, k = sel.scores["combined"], round(ratio * n)
+        t0 = time.perf_counter()
+        d, steps, count, _ = pipeline._optimise(c, k, SelectionConfig(loop="full"), parallel.data_mesh(), None,
+                                                100_000, 0)
+        keep = rank_and_take(d, c, k)
+        res.update({"full_loop_s": round(time.perf_counter() - t0, 2), "full_loop_steps": steps,
+                    "full_loop_same_result": bool(steps == res["ours_steps"] and count == res["ours_count"]
+                                                  and np.array_equal(keep, sel.indices))})
     if torch_cap > 0:
         import torch
 
@@ -96,6 +113,8 @@ def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, ref
         res.update({"torch_steps_run": steps, "torch_s_run": round(secs, 2), "torch_finished": finished,
                     "torch_loop_s" + ("" if finished else "_extrapolated"): round(torch_s, 1),
                     "loop_ratio_torch_over_ours": round(torch_s / sel.meta["timings"]["select_s"], 1)})
+        if full_loop:
+            res["loop_ratio_torch_over_full_loop"] = round(torch_s / res["full_loop_s"], 1)
         if finished:
             # Their loop tests the count of the mask it just used, ours the mask after the step: one step apart.
             res["same_trajectory"] = abs(steps - res["ours_steps"]) <= 1
@@ -117,6 +136,9 @@ def main():
                     help="JAX CPU devices for our side (auto: one per core)")
     ap.add_argument("--torch-device", default="auto", help="the PyTorch loop's device: cpu, cuda, or auto (cuda "
                     "where torch sees a GPU, else cpu)")
+    ap.add_argument("--no-full-loop", action="store_true",
+                    help="skip timing our loop over all N parameters (loop='full'; by default it runs after the "
+                         "band loop, like for like with PyTorch's, and must select the same samples)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,13 +148,15 @@ def main():
 
         use_cpu_devices(args.cpu_devices)
         n, c = map(int, args.one.split(":"))
-        print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref, args.storage, args.torch_device)))
+        print(json.dumps(run_case(n, c, args.dim, args.ratio, args.torch_cap, ref, args.storage, args.torch_device,
+                                  not args.no_full_loop)))
         return
     results = []
     for case in args.cases:
         cmd = [sys.executable, __file__, "--one", case, "--dim", str(args.dim), "--ratio", str(args.ratio),
                "--torch-cap", str(args.torch_cap), "--reference-threshold", str(args.reference_threshold),
-               "--storage", args.storage, "--cpu-devices", args.cpu_devices, "--torch-device", args.torch_device]
+               "--storage", args.storage, "--cpu-devices", args.cpu_devices, "--torch-device", args.torch_device,
+               *(["--no-full-loop"] if args.no_full_loop else [])]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             results.append({"case": case, "error": out.stderr[-2000:]})

@@ -71,6 +71,64 @@ def test_optimiser_mask_is_top_by_combined_score(ratio):
     np.testing.assert_array_equal(mask, top)
 
 
+def _both_loops(c, k, **cfg):
+    mesh = parallel.data_mesh()
+    band = pipeline._optimise(c, k, SelectionConfig(**cfg), mesh, None, 100_000, 0)
+    full = pipeline._optimise(c, k, SelectionConfig(loop="full", **cfg), mesh, None, 100_000, 0)
+    return band, full
+
+
+@pytest.mark.parametrize("case", ["n=20000 r=0.1", "n=20000 r=0.5", "n=20000 r=0.9", "n=3000 r=0.3",
+                                  "overshoot", "n=200", "tied blocks", "max_steps, count above the band",
+                                  "max_steps, count below the band"])
+def test_band_loop_is_the_full_loop(case):
+    """The optimiser on the decisive band only: the same steps, the same count at the stop and, for the band's
+    samples, the same d bit for bit as the loop over all N; the same selection globally and per class.
+    "overshoot": N = 5,000, tolerance 2.5 while ~30 samples cross per step near the stop: the full loop's count
+    jumps past the window (to 1,494 at step 185), the count term's sign flips, and it comes back (1,498 at step
+    202). "tied blocks": thousands of samples cross in the same step. The max_steps cases stop unconverged with the
+    count outside the band's range: it is then counted from passengers run alongside the band."""
+    rng = np.random.default_rng(0)
+    n, ratio, cfg = 20_000, 0.5, {}
+    if case.startswith("n="):
+        n, ratio = (int(case.split()[0][2:]), float(case.split()[1][2:])) if " " in case else (200, 0.5)
+    elif case == "overshoot" or case == "max_steps, count below the band":
+        n, ratio, rng = 5000, 0.3, np.random.default_rng(5000)
+        if case != "overshoot":  # stopped just after the overshoot, the count 1,494 < lo = 1,497 (no margin)
+            cfg = dict(max_steps=190, band_margin=0)
+    elif case == "max_steps, count above the band":
+        n, ratio, cfg = 60_000, 0.3, dict(max_steps=2_000)
+    c = (rng.random(n) + 0.1 * rng.random(n)).astype(np.float32)
+    if case == "tied blocks":
+        c = np.repeat(np.float32([1.2, 1.0, 0.8]), 4000)
+        n = len(c)
+    labels = np.random.default_rng(1).integers(0, 7, n)
+    k = round(ratio * n)
+    (key, steps, count, how), (d, steps_f, count_f, how_f) = _both_loops(c, k, **cfg)
+    assert how["loop"] == "band" and how_f == {"loop": "full", "why": "loop='full'"}
+    assert (steps, count) == (steps_f, count_f)
+    lo, hi = how["band"]
+    band = np.lexsort((np.arange(n), -c))[lo:hi]
+    if case.startswith("max_steps"):
+        assert steps == cfg["max_steps"] and (count > hi if "above" in case else count < lo)
+    np.testing.assert_array_equal(key[band], d[band])
+    np.testing.assert_array_equal(rank_and_take(key, c, k), rank_and_take(d, c, k))
+    np.testing.assert_array_equal(rank_and_take(key, c, k, labels, 7), rank_and_take(d, c, k, labels, 7))
+
+
+def test_band_loop_falls_back_to_the_full_loop():
+    """d_0 <= 0 (every sample starts unselected): the band premise does not apply, the full loop runs and says why;
+    d out of c's order inside a band is refused."""
+    from clipsel_jax.selection import band_failure
+
+    c = np.random.default_rng(2).random(3000).astype(np.float32)
+    (key, steps, count, how), (d, *_) = _both_loops(c, 900, init=-0.01)
+    assert how == {"loop": "full", "why": "init <= 0: the band loop does not apply"}
+    np.testing.assert_array_equal(key, d)
+    assert band_failure(np.float32([0.3, 0.2, 0.2, -0.1])) is None
+    assert "out of the order" in band_failure(np.float32([0.3, 0.2, 0.25, -0.1]))
+
+
 def test_class_quotas_sum_to_k_and_follow_ratio():
     labels = np.repeat(np.arange(4), [10, 7, 3, 1])
     for k in range(1, 22):
@@ -133,14 +191,18 @@ def test_flipped_labels_are_left_out():
     assert frac < 0.02, frac
 
 
+@pytest.mark.parametrize("loop", ["band", "full"])
 @pytest.mark.parametrize("resume_on", ["same devices", "one device"])
-def test_selection_resumes_after_interruption(tmp_path, monkeypatch, resume_on):
-    """Killed during the third chunk of 40 steps, a rerun resumes at step 80 and ends with the uninterrupted result.
-    "one device": killed on 4 devices, resumed on 1 (a TPU VM restarted on a smaller slice); N = 1,201 pads
-    differently on each, yet the checkpoint is reused."""
+def test_selection_resumes_after_interruption(tmp_path, monkeypatch, resume_on, loop):
+    """Killed during the third chunk of steps, a rerun resumes after the second and ends with the uninterrupted
+    result. "one device": killed on 4 devices, resumed on 1 (a TPU VM restarted on a smaller slice); N pads
+    differently on each (the full loop splits all N over the devices), yet the checkpoint is reused."""
+    chunk = 40
     x, y, text, _ = noisy_clusters(sizes=[400, 400, 401], classes=3, seed=8)
     mesh = parallel.data_mesh(jax.devices()[:1]) if resume_on == "one device" else None
-    ref = cs.select_from_embeddings(x, y, text, 0.3, adapter=None)
+    options = dict(adapter=None, selection=SelectionConfig(loop=loop))
+    ref = cs.select_from_embeddings(x, y, text, 0.3, **options)
+    assert ref.meta["optimiser"]["loop"] == loop
     calls = {"n": 0}
     real = pipeline.optimise_chunk
 
@@ -152,13 +214,13 @@ def test_selection_resumes_after_interruption(tmp_path, monkeypatch, resume_on):
 
     monkeypatch.setattr(pipeline, "optimise_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
-        cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40)
+        cs.select_from_embeddings(x, y, text, 0.3, workdir=tmp_path, chunk_steps=chunk, **options)
     calls["n"] = -1000
-    resumed = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, workdir=tmp_path, chunk_steps=40, mesh=mesh)
+    resumed = cs.select_from_embeddings(x, y, text, 0.3, workdir=tmp_path, chunk_steps=chunk, mesh=mesh, **options)
     steps = ref.meta["optimiser"]["steps"]
-    assert steps > 120 and calls["n"] - (-1000) == -(-(steps - 80) // 40)  # only the remaining chunks ran
+    assert steps > 3 * chunk and calls["n"] - (-1000) == -(-(steps - 2 * chunk) // chunk)  # only the rest ran
     np.testing.assert_array_equal(resumed.mask, ref.mask)
-    assert resumed.meta["optimiser"]["steps"] == steps
+    assert resumed.meta["optimiser"] == ref.meta["optimiser"]
 
 
 def test_sds_k_shrinks_for_small_classes_and_one_class_works():
@@ -245,7 +307,7 @@ def test_workdir_reused_with_other_settings_replaces_state(tmp_path):
     state, meta = Checkpointer(tmp_path / "selection_final").restore()
     assert meta["k"] == second.meta["k"]
     np.testing.assert_array_equal(state["indices"], second.indices)
-    latest = Checkpointer(tmp_path / "selection").latest_step()
+    latest = Checkpointer(tmp_path / "selection_band").latest_step()
     assert latest == second.meta["optimiser"]["steps"]
 
 
