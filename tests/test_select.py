@@ -126,6 +126,8 @@ def test_band_loop_falls_back_to_the_full_loop():
     assert how == {"loop": "full", "why": "init <= 0: the band loop does not apply"}
     np.testing.assert_array_equal(key, d)
     assert band_failure(np.float32([0.3, 0.2, 0.2, -0.1])) is None
+    with pytest.raises(ValueError, match="loop must be 'band' or 'full'"):
+        SelectionConfig(loop="fast")
     assert "out of the order" in band_failure(np.float32([0.3, 0.2, 0.25, -0.1]))
 
 
