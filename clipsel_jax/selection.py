@@ -63,6 +63,8 @@ class SelectionConfig:
     def __post_init__(self):
         if self.loop not in ("band", "full"):
             raise ValueError(f"SelectionConfig.loop must be 'band' or 'full', got {self.loop!r}")
+        if self.band_margin < 0:  # the band must cover the tolerance window around k (see decisive_band)
+            raise ValueError(f"SelectionConfig.band_margin must be >= 0, got {self.band_margin}")
 
 
 def combined_score(sas, sds, alpha):

@@ -128,6 +128,8 @@ def test_band_loop_falls_back_to_the_full_loop():
     assert band_failure(np.float32([0.3, 0.2, 0.2, -0.1])) is None
     with pytest.raises(ValueError, match="loop must be 'band' or 'full'"):
         SelectionConfig(loop="fast")
+    with pytest.raises(ValueError, match="band_margin must be >= 0"):
+        SelectionConfig(band_margin=-1)
     assert "out of the order" in band_failure(np.float32([0.3, 0.2, 0.25, -0.1]))
 
 
