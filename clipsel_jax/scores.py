@@ -13,6 +13,7 @@ sample of the class instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -117,35 +118,92 @@ def _round_up(n, m):
     return -(-n // m) * m
 
 
-def mean_of_k_smallest(values, k, transform=None):
+def _k_smallest_bracket(values, k, max_steps):
+    """Per row of non-negative float32 values (R, M), thresholds that isolate the k smallest; k traced.
+
+    Sought: a threshold t with exactly k values <= t (any t between the k-th and the (k+1)-th smallest; the mean
+    is then the sum over v <= t), found by a safeguarded search on the row's count c(t) = #{v <= t}, one
+    vectorised compare-and-count pass per step:
+    - first a guess from a normal fit of the row (mean, variance: distances to many keys are close to normal),
+    - then Newton/secant steps on c from the last point, aimed at rank k - 1/2, falling back to interpolation
+      inside the bracket [lo, hi] (c(lo) < k <= c(hi)) when they leave it,
+    - and a bisection of the bracket's int32 bit patterns (non-negative float32 order is their order) whenever
+      a step has not halved the bracket (see `stalled`): from step 8 on at least every other step halves it, and
+      it starts at most 2^31 bit patterns wide, so a row is done within 72 steps; max_steps is a backstop.
+    A row is done when c(hi) = k, when c(lo) = k - 1 (the k-th is the next value above lo), or when lo and hi
+    are adjacent floats (ties at the k-th value). The result is the same set of values summed whatever the path,
+    and each row's path depends on its own values only, so it does not depend on the tiling.
+    Returns lo, hi (int32 bit patterns), c(lo), c(hi) and the number of passes taken.
+    """
+    as_bits = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    as_float = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    bits = as_bits(values)
+    finite = values < jnp.inf
+    k = jnp.asarray(k, jnp.float32)
+    # Accepted thresholds lie between the (k-1)-th and the (k+1)-th smallest, around the k-th: count ~ k - 1/2.
+    target = k - 0.5
+
+    def count(t):  # float32 sum of 0/1 (exact below 2^24 columns) vectorises better than an integer count
+        return jnp.sum(jnp.where(bits <= t[:, None], 1.0, 0.0), axis=1)
+
+    fv = jnp.where(finite, values, 0.0)
+    n = jnp.sum(jnp.where(finite, 1.0, 0.0), axis=1)
+    mean = jnp.sum(fv, axis=1) / n
+    std = jnp.sqrt(jnp.maximum(jnp.sum(fv * fv, axis=1) / n - mean * mean, 0.0))
+    z = jax.scipy.special.ndtri(jnp.clip(target / n, 1e-6, 1 - 1e-6))
+    guess = mean + std * z
+    slope = n * jnp.exp(-0.5 * z * z) / (std * 2.5066283)  # d count / dt of the normal fit at the guess
+    lo = as_bits(jnp.min(values, axis=1)) - 1  # c(lo) = 0 (bits -1: below every non-negative float)
+    hi = as_bits(jnp.max(fv, axis=1))  # c(hi) = n >= k
+
+    def done(lo, hi, c_lo, c_hi):
+        return (c_hi <= k) | (c_lo == k - 1) | (hi - lo <= 1)
+
+    def step(s):
+        lo, hi, c_lo, c_hi, t_prev, c_prev, slope, width_prev, it = s
+        newton = as_bits(jnp.maximum(jnp.where(it == 0, guess, as_float(t_prev) + (target - c_prev) / slope), 0.0))
+        lo_v, hi_v = as_float(jnp.maximum(lo, 0)), as_float(hi)
+        inside = as_bits(lo_v + (hi_v - lo_v) * ((target - c_lo) / (c_hi - c_lo)))
+        t = jnp.where((newton > lo) & (newton < hi), newton, inside)
+        # Bisect where the last step did not halve the bracket, once it is closed on both sides (halving towards
+        # the row's extreme wastes a pass on near-normal rows), and on every row from step 8 on.
+        two_sided = (c_lo > 0) & (c_hi < n)
+        stalled = (it >= 2) & (hi - lo > width_prev // 2) & (two_sided | (it >= 8))
+        t = jnp.where(stalled, lo + (hi - lo) // 2, t)
+        t = jnp.clip(t, lo + 1, hi - 1)
+        c = count(t)
+        active = ~done(lo, hi, c_lo, c_hi)
+        up, down = active & (c >= k), active & (c < k)
+        dt = as_float(t) - as_float(t_prev)
+        secant = (c - c_prev) / jnp.where(dt == 0, 1.0, dt)
+        slope = jnp.where(active & (it > 0) & (secant > 0), secant, slope)
+        return (jnp.where(down, t, lo), jnp.where(up, t, hi), jnp.where(down, c, c_lo), jnp.where(up, c, c_hi),
+                jnp.where(active, t, t_prev), jnp.where(active, c, c_prev), slope, hi - lo, it + 1)
+
+    def go_on(s):
+        return jnp.any(~done(*s[:4])) & (s[-1] < max_steps)
+
+    zero = jnp.zeros_like(n)
+    lo, hi, c_lo, c_hi, *_, steps = jax.lax.while_loop(
+        go_on, step, (lo, hi, zero, n, as_bits(guess), zero, slope, hi - lo, 0))
+    return lo, hi, c_lo, c_hi, steps
+
+
+def mean_of_k_smallest(values, k, transform=None, *, max_steps=96):
     """Row-wise mean of transform(v) over the k smallest entries v of non-negative values (R, M); k traced.
 
-    Exact, without sorting: a bitwise binary search finds the k-th smallest value t (non-negative float32 order is
-    the order of their int32 bit patterns), then mean = (sum over v < t + (k - count(v < t)) * t) / k.
-    A few vectorised compare-and-count passes are much cheaper than XLA's sort-based top_k on long rows.
-    `transform` must be monotone (e.g. sqrt of squared distances: the search runs on the squares).
+    Exact, without sorting (see `_k_smallest_bracket`). `transform` must be monotone (e.g. sqrt of squared
+    distances: the search runs on the squares). Rows need at least k finite values (+inf marks excluded entries).
     """
     transform = transform or (lambda v: v)
+    lo, hi, c_lo, c_hi, _ = _k_smallest_bracket(values, k, max_steps)
     bits = jax.lax.bitcast_convert_type(values, jnp.int32)
-    # Search between the row's smallest and largest finite values: fewer halvings than the whole float range.
-    finite = values < jnp.inf
-    lo = jax.lax.bitcast_convert_type(jnp.min(values, axis=1), jnp.int32)
-    hi = jax.lax.bitcast_convert_type(jnp.max(jnp.where(finite, values, 0.0), axis=1), jnp.int32)
-    hi = jnp.maximum(lo, hi)
-    steps = 32 - jax.lax.clz(jnp.max(hi - lo))  # halvings needed for the widest row
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        # A float32 sum of 0/1 (exact below 2^24 columns) vectorises about twice as well as an integer count.
-        enough = jnp.sum(jnp.where(bits <= mid[:, None], 1.0, 0.0), axis=1) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    _, kth_bits = jax.lax.fori_loop(0, steps, halve, (lo, hi))
-    kth = jax.lax.bitcast_convert_type(kth_bits, jnp.float32)
-    below = values < kth[:, None]
-    total = jnp.sum(jnp.where(below, transform(values), 0.0), axis=1) + (k - jnp.sum(below, axis=1)) * transform(kth)
-    return total / k
+    k = jnp.asarray(k, jnp.float32)
+    tv = transform(values)
+    at_hi = jnp.sum(jnp.where(bits <= hi[:, None], tv, 0.0), axis=1)
+    up_to_lo = jnp.sum(jnp.where(bits <= lo[:, None], tv, 0.0), axis=1)
+    above_lo = jnp.min(jnp.where(bits > lo[:, None], values, jnp.inf), axis=1)  # the k-th, unless c(hi) = k
+    return jnp.where(c_hi <= k, at_hi, up_to_lo + (k - c_lo) * transform(above_lo)) / k
 
 
 @partial(jax.jit, static_argnames=("query_tile", "mesh"))
@@ -157,13 +215,24 @@ def _knn_mean_distance(queries, query_ids, keys, key_ids, k, *, query_tile, mesh
     devices * query_tile. k is traced, so classes of similar size share one compiled program.
     """
     key_sq = jnp.sum(keys * keys, axis=-1)
+    # The search runs on row blocks of 8: XLA runs each block's passes on one core, fully vectorised (several
+    # times the throughput of a whole tile's passes split over threads here), and a block's search stops with its
+    # own slowest row rather than the tile's.
+    block = math.gcd(query_tile, 8)
 
-    def one_query_tile(args):
-        q, qid = args
-        d2 = jnp.sum(q * q, axis=-1)[:, None] + key_sq[None, :] - 2 * jnp.dot(q, keys.T, precision="highest")
+    def one_block(args):
+        dots, q_sq, qid = args
+        d2 = q_sq[:, None] + key_sq[None, :] - 2 * dots
         excluded = (key_ids[None, :] == qid[:, None]) | (key_ids[None, :] < 0)
         # The k nearest by squared distance are the k nearest; sqrt only where it is summed.
         return mean_of_k_smallest(jnp.where(excluded, jnp.inf, jnp.maximum(d2, 0.0)), k, jnp.sqrt)
+
+    def one_query_tile(args):
+        q, qid = args
+        dots = jnp.dot(q, keys.T, precision="highest")
+        blocks = (dots.reshape(-1, block, dots.shape[1]), jnp.sum(q * q, axis=-1).reshape(-1, block),
+                  qid.reshape(-1, block))
+        return jax.lax.map(one_block, blocks).reshape(-1)
 
     def local(q, qid):
         tiles = (q.reshape(-1, query_tile, q.shape[1]), qid.reshape(-1, query_tile))
@@ -243,7 +312,8 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
         queries = _gather_rows(feats, members, n_q)
         qid = np.full(n_q, -2, np.int32)
         qid[:n_c] = members
-        keys = _gather_rows(feats, key_idx, n_k)
+        # A class measured against itself has its queries as keys: reuse their rows rather than gather them again.
+        keys = queries[:n_k] if key_idx is members and n_k <= n_q else _gather_rows(feats, key_idx, n_k)
         kid = np.full(n_k, -1, np.int32)
         kid[: len(key_idx)] = key_idx
         put = partial(jax.device_put, device=parallel.batch_sharding(run_mesh))

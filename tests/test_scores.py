@@ -74,9 +74,54 @@ def test_mean_of_k_smallest_is_exact():
     d[:, :20] = 1.5  # ties straddling the k-th value
     d[2, 5:50] = np.inf  # excluded entries
     d[3] = 0.0
+    d[4] = 7.25  # every value tied
+    d[5] = rng.choice([0.5, 40.0], 300) * (1 + 1e-3 * rng.random(300))  # two modes far apart
+    d[6] = np.exp(rng.uniform(-60, 60, 300))  # spread over 50 orders of magnitude
     for k in (1, 2, 19, 20, 21, 100, 250):
         ref = np.sort(d, axis=1)[:, :k].mean(1)
         np.testing.assert_allclose(mean_of_k_smallest(jnp.asarray(d), jnp.int32(k)), ref, rtol=1e-6)
+        np.testing.assert_allclose(mean_of_k_smallest(jnp.asarray(d), jnp.int32(k), jnp.sqrt),
+                                   np.sqrt(np.sort(d, axis=1)[:, :k]).mean(1), rtol=1e-6)
+    # k = every finite value of row 2
+    np.testing.assert_allclose(mean_of_k_smallest(jnp.asarray(d[2:3]), jnp.int32(255)), d[2, np.isfinite(d[2])].mean(),
+                               rtol=1e-6)
+
+
+def _distance_rows(rng, rows, keys, dim, modes=1):
+    """Squared distances from `rows` points to `keys` points, unit vectors around `modes` centres."""
+    centres = rng.standard_normal((modes, dim))
+    def points(m):
+        x = centres[rng.integers(0, modes, m)] * (modes > 1) + rng.standard_normal((m, dim)) * (0.1 if modes > 1 else 1)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q, key = points(rows), points(keys)
+    return np.maximum((q * q).sum(1)[:, None] + (key * key).sum(1)[None] - 2 * q @ key.T, 0).astype(np.float32)
+
+
+def test_k_smallest_search_passes_and_path_independence():
+    """Near-normal distance rows take a handful of passes; hard rows stay within the bisection bound; each row's
+    result is bit for bit the same alone as in a block (so the tiling and device count cannot change SDS)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clipsel_jax.scores import _k_smallest_bracket, mean_of_k_smallest
+
+    rng = np.random.default_rng(0)
+    search = jax.jit(lambda v, k: _k_smallest_bracket(v, k, 96)[4])
+    near_normal = _distance_rows(rng, 64, 4096, 512)
+    for k in (41, 410, 2048):
+        passes = [int(search(jnp.asarray(b), jnp.int32(k))) for b in near_normal.reshape(8, 8, -1)]
+        assert max(passes) <= 12 and np.mean(passes) <= 8, (k, passes)  # plain bitwise bisection: ~22 here
+    hard = np.concatenate([_distance_rows(rng, 8, 4096, 64, modes=8),
+                           np.exp(rng.uniform(-80, 80, (8, 4096))).astype(np.float32)])
+    for k in (1, 410, 4095):
+        passes = [int(search(jnp.asarray(b), jnp.int32(k))) for b in hard.reshape(2, 8, -1)]
+        assert max(passes) <= 64, (k, passes)
+        ref = np.sort(hard, axis=1)[:, :k].astype(np.float64).mean(1)
+        np.testing.assert_allclose(mean_of_k_smallest(jnp.asarray(hard), jnp.int32(k)), ref, rtol=1e-5)
+    rows = np.concatenate([near_normal[:8], hard[:8]])
+    block = np.asarray(mean_of_k_smallest(jnp.asarray(rows), jnp.int32(410), jnp.sqrt))
+    alone = np.concatenate([np.asarray(mean_of_k_smallest(jnp.asarray(r[None]), jnp.int32(410), jnp.sqrt)) for r in rows])
+    np.testing.assert_array_equal(block, alone)
 
 
 def test_sds_fixed_k_and_shrinking(data):
