@@ -101,8 +101,11 @@ def alignment_and_preferred_class(image_feats: np.ndarray, text_feats: np.ndarra
 
 @jax.jit
 def _alignment_and_closest(img, labels, txt):
-    img = l2_normalize(img)
-    return jnp.sum(img * txt[labels], axis=-1), jnp.argmax(img @ txt.T, axis=-1)
+    # One product with every (unit) prompt gives both: SAS is the label's column over the image's norm, the
+    # preferred class its argmax (a positive per-row scale changes no argmax). No normalised copy of the chunk.
+    dots = jnp.dot(img, txt.T, precision="highest")
+    norm = jnp.maximum(jnp.linalg.norm(img, axis=-1), 1e-12)
+    return jnp.take_along_axis(dots, labels[:, None], axis=1)[:, 0] / norm, jnp.argmax(dots, axis=-1)
 
 
 @dataclass
@@ -199,11 +202,11 @@ def mean_of_k_smallest(values, k, transform=None, *, max_steps=96):
     lo, hi, c_lo, c_hi, _ = _k_smallest_bracket(values, k, max_steps)
     bits = jax.lax.bitcast_convert_type(values, jnp.int32)
     k = jnp.asarray(k, jnp.float32)
-    tv = transform(values)
-    at_hi = jnp.sum(jnp.where(bits <= hi[:, None], tv, 0.0), axis=1)
-    up_to_lo = jnp.sum(jnp.where(bits <= lo[:, None], tv, 0.0), axis=1)
-    above_lo = jnp.min(jnp.where(bits > lo[:, None], values, jnp.inf), axis=1)  # the k-th, unless c(hi) = k
-    return jnp.where(c_hi <= k, at_hi, up_to_lo + (k - c_lo) * transform(above_lo)) / k
+    # Either exactly k values are <= hi (their sum), or the k - c(lo) missing ones all equal the next value above lo.
+    exact = c_hi <= k
+    summed = jnp.sum(jnp.where(bits <= jnp.where(exact, hi, lo)[:, None], transform(values), 0.0), axis=1)
+    above_lo = jnp.min(jnp.where(bits > lo[:, None], values, jnp.inf), axis=1)
+    return jnp.where(exact, summed, summed + (k - c_lo) * transform(above_lo)) / k
 
 
 @partial(jax.jit, static_argnames=("query_tile", "mesh"))
