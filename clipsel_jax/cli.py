@@ -116,8 +116,9 @@ def _common(p):
                         "are set or on a multi-host Cloud TPU VM")
     p.add_argument("--cpu-devices", metavar="N|auto",
                    help="split the CPU into N JAX devices (auto: one per core); the data-parallel stages then run "
-                        "one shard per core. No effect on GPU/TPU. Default: JAX's (one CPU device, or "
-                        "JAX_NUM_CPU_DEVICES)")
+                        "one shard per core. No effect on GPU/TPU. Default: auto, unless JAX_NUM_CPU_DEVICES or "
+                        "XLA_FLAGS set the count, the run is multi-process, or the command is bench (then JAX's: one "
+                        "CPU device)")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -530,10 +531,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = args.command
     try:
-        from clipsel_jax.parallel import initialize_distributed, use_cpu_devices
+        from clipsel_jax.parallel import default_cpu_devices, initialize_distributed, use_cpu_devices
 
-        if args.cpu_devices is not None:
-            use_cpu_devices(args.cpu_devices)
+        cpu_devices = args.cpu_devices
+        if cpu_devices is None and command != "bench":  # bench trains CNNs: its grid was measured on JAX's default
+            cpu_devices = default_cpu_devices()
+        if cpu_devices is not None:
+            use_cpu_devices(cpu_devices)
         initialize_distributed(args.distributed)
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError, CheckpointError) as e:  # ours say what is wrong, what to do

@@ -62,12 +62,30 @@ def to_host(y) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(y, tiled=True))
 
 
+def default_cpu_devices() -> str | None:
+    """The CLI's --cpu-devices when none is given: "auto" (one JAX CPU device per core), unless the CPU device
+    count is already chosen elsewhere (JAX_NUM_CPU_DEVICES, --xla_force_host_platform_device_count in XLA_FLAGS,
+    JAX already started in this process) or the run is multi-process (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES
+    set), where it is left to JAX. One device per core measured faster on a 2-core CPU for embedding (1.23x
+    PyTorch's throughput instead of 1.16x) and for SDS (1.28M samples, C = 10: 47.7 s instead of 59.4 s in total,
+    README, Benchmarks); it changes no result (the same mask on any device count is tested)."""
+    import os
+
+    from jax._src import xla_bridge
+
+    if (os.environ.get("JAX_NUM_CPU_DEVICES") or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", "") or os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_NUM_PROCESSES")
+            or xla_bridge.backends_are_initialized()):
+        return None
+    return "auto"
+
+
 def use_cpu_devices(n: int | str = "auto") -> int:
     """Split this host's CPU into `n` JAX devices ("auto": one per core this process may run on); the data-parallel
     stages then run one shard per core. Returns the count. No effect on GPU/TPU devices, which stay the default
     when present. XLA already spreads matmuls and large elementwise loops over the cores of one device; what it
-    runs on one thread (the encoder's normalisations, softmax, GELU) gains: on 2 cores embedding went from 1.16x to
-    1.23x PyTorch's throughput, while selection did not change measurably (README, Benchmarks).
+    runs on one thread (the encoder's normalisations, softmax, GELU; SDS's K-th search, on blocks of 8 rows) gains
+    (see default_cpu_devices, which the CLI uses when --cpu-devices is not given).
 
     Must run before JAX initialises its backends (before the first array or device query); afterwards it only
     checks. The same as setting JAX_NUM_CPU_DEVICES=n in the environment.

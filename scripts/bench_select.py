@@ -132,8 +132,8 @@ def main():
                     help="classes larger than this use a 4,096-member reference sample for SDS (0: always exact)")
     ap.add_argument("--storage", default="float32", choices=["float32", "float16"],
                     help="dtype of the synthetic embeddings (float16 halves memory: 10M x 512 is 10 GB)")
-    ap.add_argument("--cpu-devices", default="1",
-                    help="JAX CPU devices for our side (auto: one per core)")
+    ap.add_argument("--cpu-devices", default="auto",
+                    help="JAX CPU devices for our side (auto, the CLI's default: one per core)")
     ap.add_argument("--torch-device", default="auto", help="the PyTorch loop's device: cpu, cuda, or auto (cuda "
                     "where torch sees a GPU, else cpu)")
     ap.add_argument("--no-full-loop", action="store_true",

@@ -230,6 +230,38 @@ def test_cpu_devices_split_the_host_and_keep_the_selection(tmp_path):
                                   np.load(tmp_path / "four" / "selection.npz")["indices"])
 
 
+def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
+    """No --cpu-devices: one JAX CPU device per core in a fresh process, unless the environment chose a count or
+    names a multi-process run; in a process where JAX already runs, nothing changes."""
+    from clipsel_jax.parallel import default_cpu_devices
+
+    base = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS",
+                                                              "JAX_NUM_PROCESSES")}
+    base.update(XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    cores = len(os.sched_getaffinity(0))
+
+    def devices(**extra):
+        r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "info"], capture_output=True, text=True,
+                           timeout=300, env={**base, **extra})
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["device_count"]
+
+    assert devices() == cores
+    assert devices(JAX_NUM_CPU_DEVICES="1") == 1
+    assert devices(XLA_FLAGS="--xla_force_host_platform_device_count=3") == 3
+    assert default_cpu_devices() is None  # this test process already runs JAX (4 devices)
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
+        monkeypatch.delenv(k, raising=False)
+    assert default_cpu_devices() == "auto"
+    for k, v in (("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234"), ("JAX_NUM_PROCESSES", "2")):
+        monkeypatch.setenv(k, v)
+        assert default_cpu_devices() is None
+        monkeypatch.delenv(k)
+
+
 def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog")):
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, "w") as z:
