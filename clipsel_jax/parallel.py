@@ -67,8 +67,8 @@ def default_cpu_devices() -> str | None:
     count is already chosen elsewhere (JAX_NUM_CPU_DEVICES, --xla_force_host_platform_device_count in XLA_FLAGS,
     JAX already started in this process) or the run is multi-process (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES
     set), where it is left to JAX. One device per core measured faster on a 2-core CPU for embedding (1.23x
-    PyTorch's throughput instead of 1.16x) and for SDS (1.28M samples, C = 10: 47.7 s instead of 59.4 s in total,
-    README, Benchmarks); it changes no result (the same mask on any device count is tested)."""
+    PyTorch's throughput instead of 1.16x) and for SDS (1.28M samples, C = 10, scored and selected: 48.9 s instead of 55.5 s and 47.7 s instead of
+    59.4 s in two runs; README, Benchmarks); it changes no result (the same mask on any device count is tested)."""
     import os
 
     from jax._src import xla_bridge
