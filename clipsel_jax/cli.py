@@ -117,8 +117,8 @@ def _common(p):
     p.add_argument("--cpu-devices", metavar="N|auto",
                    help="split the CPU into N JAX devices (auto: one per core); the data-parallel stages then run "
                         "one shard per core. No effect on GPU/TPU. Default: auto, unless JAX_NUM_CPU_DEVICES or "
-                        "XLA_FLAGS set the count, the run is multi-process, or the command is bench (then JAX's: one "
-                        "CPU device)")
+                        "XLA_FLAGS set the count, the run is multi-process, the host has a TPU/GPU, or the command "
+                        "is bench (then JAX's: one CPU device)")
 
 
 # -------------------------------------------------------------------------------------------------------------

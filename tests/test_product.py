@@ -256,6 +256,11 @@ def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
     for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
         monkeypatch.delenv(k, raising=False)
     assert default_cpu_devices() == "auto"
+    from clipsel_jax import parallel
+
+    monkeypatch.setattr(parallel, "_accelerator_present", lambda: True)
+    assert default_cpu_devices() is None
+    monkeypatch.setattr(parallel, "_accelerator_present", lambda: False)
     for k, v in (("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234"), ("JAX_NUM_PROCESSES", "2")):
         monkeypatch.setenv(k, v)
         assert default_cpu_devices() is None
