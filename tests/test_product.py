@@ -232,13 +232,16 @@ def test_cpu_devices_split_the_host_and_keep_the_selection(tmp_path):
 
 def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
     """No --cpu-devices: one JAX CPU device per core in a fresh process, unless the environment chose a count or
-    names a multi-process run; in a process where JAX already runs, nothing changes."""
+    names a multi-process run, or the host has an accelerator; in a process where JAX already runs, nothing
+    changes."""
+    from clipsel_jax import parallel
     from clipsel_jax.parallel import default_cpu_devices
 
     base = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS",
                                                               "JAX_NUM_PROCESSES")}
     base.update(XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    cores = len(os.sched_getaffinity(0))
+    # On a host with a GPU/TPU the default stays JAX's (one CPU device).
+    expected = 1 if parallel._accelerator_present() else len(os.sched_getaffinity(0))
 
     def devices(**extra):
         r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "info"], capture_output=True, text=True,
@@ -246,7 +249,7 @@ def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["device_count"]
 
-    assert devices() == cores
+    assert devices() == expected
     assert devices(JAX_NUM_CPU_DEVICES="1") == 1
     assert devices(XLA_FLAGS="--xla_force_host_platform_device_count=3") == 3
     assert default_cpu_devices() is None  # this test process already runs JAX (4 devices)
@@ -255,9 +258,8 @@ def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
     for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(parallel, "_accelerator_present", lambda: False)
     assert default_cpu_devices() == "auto"
-    from clipsel_jax import parallel
-
     monkeypatch.setattr(parallel, "_accelerator_present", lambda: True)
     assert default_cpu_devices() is None
     monkeypatch.setattr(parallel, "_accelerator_present", lambda: False)
