@@ -205,7 +205,8 @@ def register_encoder(name: str, factory: Callable[..., object]) -> None:
 
 
 def load_encoder(spec, dtype=jnp.float32, *, tokenizer: str | None = None, activation: str | None = None,
-                 revision: str | None = None, batch_size: int | None = None, mesh=None) -> Encoder:
+                 revision: str | None = None, batch_size: int | None = None, mesh=None,
+                 allow_torchscript: bool = False) -> Encoder:
     """Load an encoder from a spec.
 
     spec: a folder written by ``CLIPModel.save_pretrained`` (with its tokenizer and preprocessor files); a hub id
@@ -213,11 +214,15 @@ def load_encoder(spec, dtype=jnp.float32, *, tokenizer: str | None = None, activ
     state-dict file (.pt, .bin, .safetensors) with ``tokenizer=`` a folder or hub id unless the file's folder holds
     one, and ``activation=`` when it cannot be inferred; or the name of a registered encoder.
     dtype: float32 (parity with PyTorch) or bfloat16 (faster on TPU/GPU).
+    allow_torchscript: read a TorchScript archive (OpenAI's original .pt releases). Off by default: torch runs the
+    code such an archive carries while loading it, so allow it only for files you trust (or convert the file once
+    to .safetensors on a trusted machine). Pickled state dicts never need it: they are read without running code.
     """
     if isinstance(spec, str) and spec in ENCODER_FACTORIES:
         return ENCODER_FACTORIES[spec](dtype=dtype, batch_size=batch_size, mesh=mesh)
     dtype = DTYPES[_dtype_name(dtype)]
-    ckpt = read_checkpoint(spec, tokenizer=tokenizer, activation=activation, revision=revision)
+    ckpt = read_checkpoint(spec, tokenizer=tokenizer, activation=activation, revision=revision,
+                           allow_torchscript=allow_torchscript)
     tok_source = tokenizer or ckpt.tokenizer_source
     if tok_source is None:
         raise CheckpointError(f"{spec} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); pass "

@@ -70,8 +70,24 @@ def _is_torchscript(path: Path) -> bool:
     """OpenAI's released .pt files are TorchScript archives (a zip with constants.pkl), not pickled state dicts."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") for n in zf.namelist())
+    except zipfile.BadZipFile:  # a broken archive: torchfile says what is wrong with it
+        return False
+
+
+def _check_torchscript(path: Path, allow_torchscript: bool) -> bool:
+    """Whether ``path`` is a TorchScript archive, refused unless allowed: torch.jit.load compiles and runs the code
+    such an archive carries, so only a trusted one may be read."""
+    torchscript = _is_torchscript(path)
+    if torchscript and not allow_torchscript:
+        raise CheckpointError(
+            f"{path} is a TorchScript archive, refused by default: TorchScript archives carry code that torch runs "
+            "while loading them (OpenAI's original .pt releases are TorchScript). If you trust the file, pass "
+            "allow_torchscript=True (load_encoder, read_checkpoint, read_openclip_file, read_state_dict) or "
+            "--trust-torchscript on the command line; or convert it once to .safetensors on a trusted machine")
+    return torchscript
 
 
 def _read_json(file: Path) -> dict:
@@ -81,11 +97,12 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original checkpoint") from e
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = False) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors, PyTorch pickle or TorchScript (OpenAI .pt) file, as float32 numpy.
 
-    Pickled state dicts are read without torch; torch is needed only for TorchScript archives and for pickles that
-    hold other objects."""
+    Pickled state dicts are read without torch; torch is needed only for pickles that hold other objects (read with
+    its weights_only loader) and for TorchScript archives, which run code and are read only with
+    ``allow_torchscript=True``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
@@ -97,9 +114,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not _is_torchscript(path):
+    torchscript = _check_torchscript(path, allow_torchscript)
+    if not torchscript:
         try:  # torch-free: plain state dicts need no torch (clipsel_jax/torchfile.py)
             return _tensors_of(path, torchfile.load(path), lambda v: np.asarray(v, np.float32), np.ndarray)
+        except torchfile.CorruptCheckpoint as e:  # damaged or hostile: not to be handed to torch either
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
         except torchfile.UnsupportedPickle as e:
             reason = str(e)  # other objects in the pickle: torch's weights_only loader may still read it
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
@@ -112,11 +132,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} is {reason}; reading it needs torch: pip install 'clipsel_jax[torch]' (or "
                               "convert it to .safetensors once)") from e
     try:
-        if _is_torchscript(path):
+        if torchscript:
             with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files remain TorchScript
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
+        else:  # weights_only: torch's own restricted unpickler, for every pickle of the file
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
@@ -372,9 +392,12 @@ def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: in
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=vision["projection_dim"])
 
 
-def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activation: str | None) -> Checkpoint:
-    """An OpenCLIP / OpenAI state-dict file; ``open_clip_config.json`` beside it is used when present."""
+def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activation: str | None, *,
+                       allow_torchscript: bool = False) -> Checkpoint:
+    """An OpenCLIP / OpenAI state-dict file; ``open_clip_config.json`` beside it is used when present.
+    ``allow_torchscript``: read TorchScript archives (OpenAI's .pt releases), which run code while loading."""
     path = Path(path)
+    _check_torchscript(path, allow_torchscript)  # before the tokenizer and activation questions
     model_cfg, pre = {}, ImagePreprocessing()
     side = path.parent / "open_clip_config.json"
     if side.is_file():
@@ -404,7 +427,7 @@ def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activatio
     from clipsel_jax.text import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, allow_torchscript=allow_torchscript)
     config = openclip_config(sd, activation, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, model_cfg)
     pre.shortest_edge = config.vision_config.image_size
     pre.crop_size = (config.vision_config.image_size,) * 2
@@ -414,8 +437,9 @@ def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activatio
 
 
 def read_checkpoint(spec: str | os.PathLike, tokenizer: str | None = None, activation: str | None = None,
-                    revision: str | None = None) -> Checkpoint:
-    """Resolve an encoder spec: a local folder, a state-dict file, or a hub id ("org/name")."""
+                    revision: str | None = None, *, allow_torchscript: bool = False) -> Checkpoint:
+    """Resolve an encoder spec: a local folder, a state-dict file, or a hub id ("org/name").
+    ``allow_torchscript``: read a TorchScript state-dict file (it runs code while loading; refused by default)."""
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     if path.is_dir():
@@ -423,7 +447,7 @@ def read_checkpoint(spec: str | os.PathLike, tokenizer: str | None = None, activ
     if path.is_file():
         if path.suffix not in STATE_DICT_SUFFIXES:
             raise CheckpointError(f"{spec_str!r} is a file but not a checkpoint ({', '.join(STATE_DICT_SUFFIXES)})")
-        return read_openclip_file(path, tokenizer, activation)
+        return read_openclip_file(path, tokenizer, activation, allow_torchscript=allow_torchscript)
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec_str) and not spec_str.startswith((".", "/")):
         folder = hub_snapshot(spec_str, revision)
         return read_hf_folder(folder, {"kind": "hub", "repo_id": spec_str, "revision": revision or "main",
