@@ -11,16 +11,29 @@ processes can read from them.
 - ``tfds_source(name, split)``: a prepared TFDS data set, read through ``tfds.data_source`` when prepared as
   array_record (random access, no TensorFlow needed), or streamed through ``tfds.load`` / tf.data when prepared
   as TFRecord (needs TensorFlow; ``embed`` reads such a source in order).
+
+Data files are untrusted input. An image that cannot be read is one ``UnreadableImage`` (recorded by ``embed``,
+the run goes on): a broken or empty file, a link that cannot be followed (dangling, a loop: listed, not dropped),
+or an image that declares more than ``max_image_pixels`` pixels (a decompression bomb: a small file that would
+decode to gigabytes; the declared size is checked before decoding, with this limit in place of PIL's
+process-global ``Image.MAX_IMAGE_PIXELS``). Zip entries with absolute paths, drive letters, backslashes or
+``..`` are skipped with a warning (their class would be wrong); images listed under two classes (class folders or
+files that are links to the same place) are warned about.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
+import re
 import threading
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +44,49 @@ from clipsel_jax.data.preprocess import as_rgb_uint8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
+# Images declaring more pixels than this are unreadable, refused before decoding: a few KB of PNG can declare
+# 30000x30000 pixels and decode to gigabytes. PIL's own default (1024**3 // 4 // 3): 256 MiB decoded as RGB, per
+# image and decoding thread; photos and scans are far below it, and what PIL reads without a warning reads here.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
 
 class UnreadableImage(Exception):
     """An image file that exists but cannot be decoded; carries the reason."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3). Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB."""
+@contextlib.contextmanager
+def _without_pil_limit():
+    """PIL's own pixel limit off, so that ours applies: Image.MAX_IMAGE_PIXELS is process-global (it warns above it
+    and raises above twice it), so it is set and restored under a lock that decoding threads share."""
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W, 3). Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB.
+    An image declaring more than `max_pixels` pixels (None: no limit) is refused before it is decoded."""
     if not data:
         raise UnreadableImage("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
+        with _without_pil_limit():  # Image.open reads only the header: quick, even under the lock
+            im = Image.open(io.BytesIO(data))
+        with im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise UnreadableImage(
+                    f"the image declares {w}x{h} pixels, more than the limit of {max_pixels} (a decompression "
+                    "bomb?); if it is genuine, raise the limit: the source's max_image_pixels "
+                    "(image_folder(..., max_image_pixels=N), --max-image-pixels N)")
+            # Some formats (TIFF, GIF) check PIL's limit again while decoding: an image above PIL's default that
+            # ours allows decodes with PIL's off, one at a time (which also bounds the memory such images take)
+            with _without_pil_limit() if w * h > DEFAULT_MAX_IMAGE_PIXELS else contextlib.nullcontext():
+                im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits
                 arr = np.asarray(im, dtype=np.float64)
                 scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
@@ -50,8 +94,33 @@ def decode_image(data: bytes) -> np.ndarray:
             if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "L", "1", "F"):
                 return as_rgb_uint8(im)
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{type(e).__name__}: {e}") from None
+
+
+def _read_file(path: str) -> bytes:
+    """A file's bytes; a file that cannot be read (a dangling link, a link loop, gone, no permission) is one
+    unreadable image, not the end of the run."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnreadableImage("symbolic link loop" if e.errno == errno.ELOOP
+                                  else f"dangling symbolic link (to {os.readlink(path)})") from None
+        raise UnreadableImage(f"{type(e).__name__}: {e.strerror}") from None
+
+
+def _file_stamp(path: str):
+    """(size, modification time) of a file; of the link itself where it cannot be followed (dangling, a loop);
+    the error's name where even that fails (gone since listing)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return type(e).__name__
+    return st.st_size, st.st_mtime_ns
 
 
 class Source:
@@ -61,6 +130,7 @@ class Source:
     class_names: list[str]
     ids: np.ndarray
     labels: np.ndarray
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # used by sources that decode encoded images
 
     def read(self, i: int) -> np.ndarray:
         return self.read_example(i)[0]
@@ -85,6 +155,7 @@ class ImageFolder(Source):
     labels: np.ndarray
     class_names: list[str]
     _zip_path: str | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are unreadable (None: no limit)
 
     def __post_init__(self):
         self.ids = np.arange(len(self.files), dtype=np.int64)
@@ -105,13 +176,17 @@ class ImageFolder(Source):
 
     def read(self, i: int) -> np.ndarray:
         if self._zip_path is None:
-            data = Path(self.files[i]).read_bytes()
+            data = _read_file(self.files[i])
         else:
             zf = getattr(self._local, "zf", None)
             if zf is None:
                 zf = self._local.zf = zipfile.ZipFile(self._zip_path)
-            data = zf.read(self.files[i])
-        return decode_image(data)
+            try:
+                data = zf.read(self.files[i])
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+                # a damaged entry (bad CRC, truncated), an unsupported compression, or encrypted
+                raise UnreadableImage(f"zip entry: {type(e).__name__}: {e}") from None
+        return decode_image(data, self.max_image_pixels)
 
     def fingerprint(self) -> str:
         """Identity of the listing and contents (paths, labels, and each file's CRC in a zip or size and
@@ -121,15 +196,78 @@ class ImageFolder(Source):
             with zipfile.ZipFile(self._zip_path) as zf:
                 stamps = [(i.CRC, i.file_size) for i in map(zf.getinfo, self.files)]
         else:
-            stamps = [(st.st_size, st.st_mtime_ns) for st in (Path(f).stat() for f in self.files)]
+            stamps = [_file_stamp(f) for f in self.files]
         for f, y, st in zip(self.files, self.labels.tolist(), stamps):
             h.update(f"{f}\t{y}\t{st}\n".encode())
+        h.update(_limit_tag(self.max_image_pixels).encode())
         return h.hexdigest()[:16]
 
 
-def image_folder(path: str, subdir: str | None = None) -> ImageFolder:
+def _limit_tag(max_image_pixels) -> str:
+    """For fingerprints: the pixel limit decides which images are read, so a changed one is other data (the
+    default adds nothing, so fingerprints from before the limit existed stay valid)."""
+    return "" if max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS else f"\tmax_image_pixels={max_image_pixels}"
+
+
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def _unsafe_entry(name: str) -> bool:
+    """A zip entry name that is absolute, has a drive letter or backslashes, or '.', '..' or empty parts: its
+    class would be wrong (a class named '..'), and an extracting tool would write it outside the folder."""
+    return (name.startswith("/") or "\\" in name or _DRIVE.match(name) is not None
+            or any(part in ("", ".", "..") for part in name.split("/")))
+
+
+def _real(path: str) -> str | None:
+    """The resolved path, None for a link that cannot be followed (a loop raises RuntimeError before Python
+    3.13, OSError after; a dangling link, FileNotFoundError)."""
+    try:
+        return str(Path(path).resolve(strict=True))
+    except (OSError, RuntimeError):
+        return None
+
+
+def _list_folder(root: Path) -> list[tuple[str, list[str]]]:
+    """(path, [class, file name]) for the files in root's class folders, and for links there that cannot be
+    followed (dangling, loops: listed, so that they are recorded as unreadable rather than vanish). Warns about
+    images listed under two classes: class folders, or files, that are links to the same place."""
+    folders = {d.name: _real(d.path) for d in os.scandir(root) if os.path.isdir(d.path)}  # isdir: False on a loop
+    same = {}
+    for name, real in sorted(folders.items()):
+        same.setdefault(real, []).append(name)
+    for real, names in same.items():
+        if len(names) > 1:
+            warnings.warn(f"class folders {', '.join(names)} in {root} are the same folder ({real}): each of its "
+                          "images is listed once per class", stacklevel=3)
+    entries, seen, twice = [], {}, []
+    for c in sorted(folders):
+        for f in os.scandir(Path(root, c)):
+            if f.is_symlink():  # listed when it leads to a file or nowhere; never to a folder, a FIFO or a device
+                if not (os.path.isfile(f.path) or not os.path.exists(f.path)):
+                    continue
+                real = _real(f.path)
+            elif f.is_file():
+                real = os.path.join(folders[c], f.name)  # no system call per plain file
+            else:
+                continue
+            entries.append((f.path, [c, f.name]))
+            first_class, first_path = seen.setdefault(real, (c, f.path)) if real else (c, None)
+            if folders[first_class] != folders[c]:
+                twice.append((first_path, f.path))
+    if twice:
+        warnings.warn(f"{len(twice)} files in {root} are listed under two classes (links to the same file), e.g. "
+                      f"{twice[0][0]} and {twice[0][1]}", stacklevel=3)
+    return entries
+
+
+def image_folder(path: str, subdir: str | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageFolder:
     """A folder or .zip of ``<class>/<file>`` images. ``subdir`` selects a folder inside it (e.g. "train");
-    ``archive.zip:inner/folder`` is the same as ``image_folder("archive.zip", "inner/folder")``."""
+    ``archive.zip:inner/folder`` is the same as ``image_folder("archive.zip", "inner/folder")``.
+    ``max_image_pixels``: images declaring more pixels are unreadable (decompression bombs); None: no limit."""
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be a positive number of pixels or None, got {max_image_pixels}")
     spec = str(path)
     if ".zip:" in spec and subdir is None:
         spec, subdir = spec.split(".zip:", 1)
@@ -144,15 +282,25 @@ def image_folder(path: str, subdir: str | None = None) -> ImageFolder:
         with zipfile.ZipFile(p) as zf:
             names = [n for n in zf.namelist() if not n.endswith("/")]
         pre = prefix + "/" if prefix else ""
-        entries = [(n, n[len(pre):].split("/")) for n in names if n.startswith(pre)]
+        names = [n for n in names if n.startswith(pre)]
+        unsafe = [n for n in names if _unsafe_entry(n)]
+        entries = [(n, n[len(pre):].split("/")) for n in names if not _unsafe_entry(n)]
         entries = [(n, parts) for n, parts in entries if len(parts) == 2]
+        if unsafe:
+            shown = ", ".join(map(repr, unsafe[:5])) + (", ..." if len(unsafe) > 5 else "")
+            if not entries:
+                raise ValueError(f"no usable images in {spec!r}: its {len(unsafe)} entries with unsafe paths "
+                                 f"(absolute, a drive letter, backslashes, '.', '..' or empty parts) are refused "
+                                 f"({shown})")
+            warnings.warn(f"{len(unsafe)} zip entries with unsafe paths (absolute, a drive letter, backslashes, "
+                          f"'.', '..' or empty parts) are skipped: {shown}", stacklevel=2)
         location = f"{p.resolve()}:{prefix}"
         zip_path = str(p)
     else:
         root = p / prefix if prefix else p
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder")
-        entries = [(str(f), [f.parent.name, f.name]) for f in root.glob("*/*") if f.is_file()]
+        entries = _list_folder(root)
         location = str(root.resolve())
         zip_path = None
     skipped = [n for n, _ in entries if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
@@ -169,7 +317,7 @@ def image_folder(path: str, subdir: str | None = None) -> ImageFolder:
     entries.sort(key=lambda e: (index[e[1][0]], e[1][1]))
     files = [n for n, _ in entries]
     labels = np.array([index[parts[0]] for _, parts in entries], dtype=np.int64)
-    return ImageFolder(location, files, labels, class_names, zip_path)
+    return ImageFolder(location, files, labels, class_names, zip_path, max_image_pixels)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -254,16 +402,22 @@ def from_arrays(images, labels, class_names, ids=None) -> ArraySource:
 
 
 class TFDSSource(Source):
-    """A split of a prepared TFDS data set, read by record index through ``tfds.data_source`` (array_record)."""
+    """A split of a prepared TFDS data set, read by record index through ``tfds.data_source`` (array_record).
+    Encoded images (an ``Image`` feature) are decoded here, as every other source's, with ``max_image_pixels``."""
 
-    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, label_key: str):
+    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key = image_key, label_key
+        self.max_image_pixels = max_image_pixels
         import tensorflow_datasets as tfds
 
         try:
             builder = tfds.builder(name, data_dir=data_dir)
-            self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
+            image = builder.info.features[image_key] if image_key in builder.info.features else None
+            encoded = isinstance(image, tfds.features.Image) and image.np_dtype == np.uint8
+            self._ds = tfds.data_source(name, split=split, data_dir=data_dir,
+                                        decoders={image_key: tfds.decode.SkipDecoding()} if encoded else None)
         except Exception as e:  # not found / not prepared / not array_record: tfds's own errors are long
             raise ValueError(
                 f"TFDS data set {name!r} split {split!r} cannot be opened ({type(e).__name__}: "
@@ -287,10 +441,8 @@ class TFDSSource(Source):
             ex = self._ds[int(i)]
         except Exception as e:  # a record that cannot be decoded: recorded by the caller, never a deep traceback
             raise UnreadableImage(f"{type(e).__name__}: {e}") from None
-        try:
-            return as_rgb_uint8(np.asarray(ex[self.image_key]), where=self.describe(i)), int(ex[self.label_key])
-        except ValueError as e:
-            raise UnreadableImage(str(e)) from None
+        image = decode_record_image(ex[self.image_key], self.describe(i), self.max_image_pixels)
+        return image, int(ex[self.label_key])
 
     def label_of(self, i: int) -> int:
         try:
@@ -308,6 +460,7 @@ class TFDSSource(Source):
     def fingerprint(self) -> str:
         where = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else "default"
         key = f"tfds\t{self.full_name}\t{self.split}\t{len(self)}\t{where}\t{self.image_key}\t{self.label_key}"
+        key += _limit_tag(self.max_image_pixels)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -319,7 +472,8 @@ class TFDSStreamSource(Source):
 
     streaming = True
 
-    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, label_key: str, builder):
+    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str, label_key: str, builder,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if "[" in split or "+" in split:
             raise ValueError(f"split {split!r}: a TFRecord-prepared set is read by plain split name (train, test, "
                              "...); take a part of it with embed(limit=N) / --limit")
@@ -327,6 +481,7 @@ class TFDSStreamSource(Source):
             raise ValueError(f"TFDS data set {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key = image_key, label_key
+        self.max_image_pixels = max_image_pixels
         self.class_names = _tfds_class_names(builder, name, image_key, label_key)
         self.full_name = builder.info.full_name
         self._n = int(builder.info.splits[split].num_examples)
@@ -358,7 +513,7 @@ class TFDSStreamSource(Source):
 
     def read_example(self, i: int) -> tuple[np.ndarray, int]:
         _, image, label = next(self.stream(int(i), int(i) + 1))
-        return decode_record_image(image, self.describe(i)), label
+        return decode_record_image(image, self.describe(i), self.max_image_pixels), label
 
     def label_of(self, i: int) -> int:
         return int(next(self.stream(int(i), int(i) + 1))[2])
@@ -373,14 +528,15 @@ class TFDSStreamSource(Source):
     def fingerprint(self) -> str:
         where = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else "default"
         key = (f"tfds-tfrecord\t{self.full_name}\t{self.split}\t{self._n}\t{where}\t{self.image_key}\t"
-               f"{self.label_key}")
+               f"{self.label_key}{_limit_tag(self.max_image_pixels)}")
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def decode_record_image(image, where: str) -> np.ndarray:
-    """A record's image as uint8 RGB: encoded bytes (PNG/JPEG, as TFDS stores Image features) or an array."""
+def decode_record_image(image, where: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A record's image as uint8 RGB: encoded bytes (PNG/JPEG, as TFDS stores Image features; refused above
+    `max_pixels` pixels) or an array."""
     if isinstance(image, (bytes, np.bytes_)):
-        return decode_image(bytes(image))
+        return decode_image(bytes(image), max_pixels)
     try:
         return as_rgb_uint8(np.asarray(image), where=where)
     except ValueError as e:
@@ -401,13 +557,15 @@ def _tfds_class_names(builder, name, image_key, label_key) -> list[str]:
 
 
 def tfds_source(name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
-                label_key: str = "label", reader: str = "auto") -> Source:
+                label_key: str = "label", reader: str = "auto",
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Source:
     """A TFDS data set (e.g. ``tfds_source("cifar10", "train")``) as a source. Sample ids are record indices within
     the split; class names come from the label feature's names.
 
     reader: "array_record" reads through ``tfds.data_source`` (random access, no TensorFlow needed);
     "tf" reads a TFRecord-prepared set in order through ``tfds.load`` / tf.data (needs TensorFlow: the
     ``[tf]`` extra); "auto" (default) picks "tf" for a set prepared as TFRecord, else "array_record".
+    max_image_pixels: images declaring more pixels are unreadable (decompression bombs); None: no limit.
     """
     if reader not in ("auto", "array_record", "tf"):
         raise ValueError(f"reader must be auto, array_record or tf, got {reader!r}")
@@ -431,5 +589,5 @@ def tfds_source(name: str, split: str = "train", data_dir: str | None = None, im
                                  "install TensorFlow (pip install 'clipsel_jax[tf]'), or rebuild it as "
                                  f"array_record (`tfds build {name} --file_format=array_record`) to read it "
                                  "without TensorFlow")
-            return TFDSStreamSource(name, split, data_dir, image_key, label_key, builder)
-    return TFDSSource(name, split, data_dir, image_key, label_key)
+            return TFDSStreamSource(name, split, data_dir, image_key, label_key, builder, max_image_pixels)
+    return TFDSSource(name, split, data_dir, image_key, label_key, max_image_pixels)
