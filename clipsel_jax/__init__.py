@@ -9,10 +9,11 @@ from clipsel_jax.offline import OfflineEncoder  # registers load_encoder("offlin
 from clipsel_jax.pipeline import Selection, select, select_from_embeddings
 from clipsel_jax.selection import SelectionConfig
 from clipsel_jax.weights import CheckpointError
+from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptConfig", "CheckpointError", "ClipEncoder", "Embeddings", "Encoder", "ImageError", "OfflineEncoder",
            "Selection", "SelectionConfig", "data", "embed", "load_encoder", "register_encoder", "select",
-           "select_from_embeddings",
+           "select_from_embeddings", "WorkdirBusy", "hold_workdir",
            "__version__"]
