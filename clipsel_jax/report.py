@@ -76,8 +76,9 @@ def _positions(source, ids) -> np.ndarray:
     """Positions in the source of the given sample ids (ids are stable, positions are what read() takes)."""
     src_ids = np.asarray(source.ids)
     order = np.argsort(src_ids, kind="stable")
-    pos = order[np.searchsorted(src_ids, ids, sorter=order)]
-    if not np.array_equal(src_ids[pos], ids):
+    # Clipped: an id past the largest of another source's would index out of range before the check below.
+    pos = order[np.minimum(np.searchsorted(src_ids, ids, sorter=order), len(order) - 1)]
+    if len(src_ids) == 0 or not np.array_equal(src_ids[pos], ids):
         raise ValueError("the source given for the report is not the one that was embedded (sample ids differ); "
                          "pass the same --data as for the selection")
     return pos
@@ -104,7 +105,12 @@ def write_report(workdir, source=None, title: str = "clipsel_jax selection repor
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a TPU VM or in CI
-    workdir = Path(workdir)
+    # Class names are data: a "$" in one must be drawn as a "$", never parsed as mathtext (which fails or garbles).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _write_report(Path(workdir), source, title)
+
+
+def _write_report(workdir: Path, source, title: str) -> Path:
     a, meta = load_outputs(workdir)
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     kept, labels, ids = a["mask"].astype(bool), a["labels"], a["ids"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from clipsel_jax import parallel
+from clipsel_jax import checks, parallel
 
 
 def l2_normalize(x, axis=-1):
@@ -255,6 +255,14 @@ def _gather_rows(feats: np.ndarray, idx: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def diversity_settings(k, k_fraction, reference_threshold, reference_size) -> tuple:
+    """SDS's settings, checked (K = 0 would average no distances: NaN; a reference of 0 samples: all zero)."""
+    return (checks.optional_number("k_neighbors", k, lo=1, integer=True),
+            checks.number("k_fraction", k_fraction, lo=0, hi=1, lo_open=True),
+            checks.optional_number("reference_threshold", reference_threshold, lo=1, integer=True),
+            checks.number("reference_size", reference_size, lo=2, integer=True))
+
+
 def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, k_fraction: float = 0.1,
                      k: int | None = None, reference_threshold: int | None = None, reference_size: int = 4096,
                      seed: int = 0, query_tile: int = 256, max_tile_elements: int = 1 << 24, mesh=None,
@@ -266,6 +274,8 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
     Classes larger than `reference_threshold` (if set) measure distances against `reference_size` randomly chosen
     members of the class (seeded), with K scaled by reference_size / (class size - 1).
     """
+    k, k_fraction, reference_threshold, reference_size = diversity_settings(k, k_fraction, reference_threshold,
+                                                                            reference_size)
     feats = np.asarray(feats)  # cast per class below: a float16 (N, D) array is never copied whole
     labels = np.asarray(labels)
     mesh = mesh or parallel.data_mesh()

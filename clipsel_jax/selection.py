@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clipsel_jax import checks
+
 
 @jax.custom_vjp
 def straight_through_mask(s):
@@ -63,8 +65,14 @@ class SelectionConfig:
     def __post_init__(self):
         if self.loop not in ("band", "full"):
             raise ValueError(f"SelectionConfig.loop must be 'band' or 'full', got {self.loop!r}")
-        if self.band_margin < 0:  # the band must cover the tolerance window around k (see decisive_band)
-            raise ValueError(f"SelectionConfig.band_margin must be >= 0, got {self.band_margin}")
+        # band_margin >= 0: the band must cover the tolerance window around k (see decisive_band).
+        bounds = {"temperature": dict(lo=0, lo_open=True), "init": {}, "alpha": dict(lo=0), "beta": dict(lo=0),
+                  "lr": dict(lo=0, lo_open=True), "momentum": dict(lo=0, hi=1, hi_open=True),
+                  "max_steps": dict(lo=0, integer=True), "band_margin": dict(lo=0, integer=True)}
+        for name, b in bounds.items():  # frozen: checked values are written back (numpy scalars become Python's)
+            object.__setattr__(self, name, checks.number(f"SelectionConfig.{name}", getattr(self, name), **b))
+        object.__setattr__(self, "tolerance", checks.optional_number("SelectionConfig.tolerance", self.tolerance,
+                                                                     lo=0))
 
 
 def combined_score(sas, sds, alpha):

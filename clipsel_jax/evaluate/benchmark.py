@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clipsel_jax.checks import arg_number
+
 FIELDS = ["method", "ratio", "noise", "seed", "kept", "mislabeled_kept_frac", "mislabeled_full_frac",
           "class_frac_min", "class_frac_max", "select_s", "test_accuracy", "train_s"]
 
@@ -46,16 +48,19 @@ def add_arguments(ap) -> None:
     ap.add_argument("--methods", nargs="+", default=["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs",
                                                      "confident_learning", "el2n", "grand", "forgetting", "full"],
                     help="'full' is the reference: the whole training set, one row per noise and seed (keep 1.0)")
-    ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    ap.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.2], help="symmetric label-noise fractions")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--train-epochs", type=int, default=0, help="train the small CNN this many epochs of each subset")
-    ap.add_argument("--train-steps", type=int, default=0,
+    count, natural = arg_number(lo=1, integer=True), arg_number(lo=0, integer=True)
+    ap.add_argument("--ratios", nargs="+", type=arg_number(lo=0, hi=1, lo_open=True), default=[0.3, 0.5, 0.7])
+    ap.add_argument("--noise", nargs="+", type=arg_number(lo=0, hi=1, hi_open=True), default=[0.0, 0.2],
+                    help="symmetric label-noise fractions")
+    ap.add_argument("--seeds", nargs="+", type=natural, default=[0, 1, 2])
+    ap.add_argument("--train-epochs", type=natural, default=0,
+                    help="train the small CNN this many epochs of each subset")
+    ap.add_argument("--train-steps", type=natural, default=0,
                     help="or a fixed budget of SGD steps (batch 128) for every subset, whatever its size")
-    ap.add_argument("--train-width", type=int, default=32, help="small CNN width (also for the dynamics runs)")
-    ap.add_argument("--dynamics-epochs", type=int, default=3,
+    ap.add_argument("--train-width", type=count, default=32, help="small CNN width (also for the dynamics runs)")
+    ap.add_argument("--dynamics-epochs", type=count, default=3,
                     help="length of the short run that scores EL2N / GraNd / Forgetting (cached per noise and seed)")
-    ap.add_argument("--limit", type=int, help="first N training images (class-sorted zip: use with care)")
+    ap.add_argument("--limit", type=count, help="first N training images (class-sorted zip: use with care)")
 
 
 def run(args) -> int:
