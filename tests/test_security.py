@@ -878,6 +878,30 @@ def test_holding_is_reentrant_within_a_thread(tmp_path):
     assert (tmp_path / LOCK_NAME).read_text() == ""  # released: no holder named
 
 
+def test_cli_on_a_held_workdir_exits_2_naming_the_holder(tmp_path, capsys):
+    emb = embeddings_file(tmp_path / "e.npz")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():  # another thread of this process is another holder
+        with hold_workdir(tmp_path / "w"):
+            held.set()
+            release.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        held.wait(60)
+        argv = ["select", "--embeddings", emb, "--ratio", "0.5", "--workdir", str(tmp_path / "w"), "--no-report"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run: pid {os.getpid()}" in err and "--wait" in err
+        assert not (tmp_path / "w" / "scores.csv").exists()
+    finally:
+        release.set()
+        t.join()
+    assert main(argv + ["--wait", "30"]) == 0 and (tmp_path / "w" / "scores.csv").exists()
+
+
 RACE = """
 import sys, time, pathlib
 sys.path.insert(0, sys.argv[3])
