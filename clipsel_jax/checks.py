@@ -78,18 +78,22 @@ def finite_output(stage: str, name: str, a, cause: str) -> None:
                                f"({_listed(rows)}). Likely cause: {cause}")
 
 
-def arg_number(**bounds):
+def arg_number(name: str, **bounds):
     """An argparse ``type=`` that parses a number and checks it with ``number`` (NaN, inf, 0 or a negative count
-    are refused as the option is parsed: exit 2 with the option's name)."""
+    are refused as the option is parsed: exit 2, the message naming the setting)."""
     import argparse
 
     integer = bounds.get("integer", False)
 
     def parse(text):
         try:
-            return number("the value", int(text) if integer else float(text), **bounds)
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return number(name, value, **bounds)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e) if "the value" in str(e) else
-                                             f"{'an integer' if integer else 'a number'} is needed, got {text!r}")
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse

@@ -43,10 +43,15 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, current + [values])
 
 
-# argparse types: settings are checked as they are parsed (NaN, inf, 0 or a negative count: exit 2)
-_num = checks.arg_number
-COUNT = _num(lo=1, integer=True)  # sizes, steps, neighbours: at least 1
-FRACTION = _num(lo=0, hi=1, lo_open=True)  # in (0, 1]
+# Bounds of the numeric options, checked as they are parsed (NaN, inf, 0 or a negative count: exit 2).
+COUNT = dict(lo=1, integer=True)  # sizes, steps, neighbours: at least 1
+NATURAL = dict(lo=0, integer=True)
+FRACTION = dict(lo=0, hi=1, lo_open=True)  # in (0, 1]
+
+
+def _number(g, flag: str, bounds: dict, **kwargs):
+    """g.add_argument(flag, ...) whose value is checked by checks.number, the error naming the setting."""
+    g.add_argument(flag, type=checks.arg_number(flag.lstrip("-").replace("-", "_"), **bounds), **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -65,7 +70,7 @@ def _encoder_args(p):
                    help="read a TorchScript archive (OpenAI's original .pt files). Off by default: torch runs the "
                         "code inside such a file while loading it; only pass this for files from a source you trust")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--batch-size", type=COUNT, default=None, help="encoder batch (default: 64 on CPU, 256 otherwise)")
+    _number(g, "--batch-size", COUNT, default=None, help="encoder batch (default: 64 on CPU, 256 otherwise)")
 
 
 def _data_args(p, required=True):
@@ -76,7 +81,7 @@ def _data_args(p, required=True):
                    + ("" if required else "; for the report's image galleries"))
     g.add_argument("--subdir", help="folder inside --data holding the class folders (e.g. train); the split for tfds:")
     g.add_argument("--tfds-data-dir", help="TFDS data_dir for tfds:NAME (default: TFDS's own)")
-    g.add_argument("--max-image-pixels", type=COUNT, default=None,
+    _number(g, "--max-image-pixels", COUNT, default=None,
                    help="images declaring more pixels than this are recorded as unreadable instead of decoded (a "
                         "decompression bomb guard; default 89,478,485, PIL's own limit)")
     g.add_argument("--class-names", help="readable class names for the prompts: JSON list/object, or words.txt-style "
@@ -87,9 +92,9 @@ def _embed_args(p):
     g = p.add_argument_group("embedding")
     g.add_argument("--prompt", action=_Repeatable,
                    help='class prompt template (default "A photo of a {}."); repeat for an averaged ensemble')
-    g.add_argument("--workers", type=_num(lo=0, integer=True), default=0,
+    _number(g, "--workers", NATURAL, default=0,
                    help="image decoding worker processes (0: threads)")
-    g.add_argument("--limit", type=COUNT, help="only the first N images (in id order): a quick debug run")
+    _number(g, "--limit", COUNT, help="only the first N images (in id order): a quick debug run")
 
 
 def _method_args(p, adapt=True, score=True, select=True):
@@ -98,33 +103,34 @@ def _method_args(p, adapt=True, score=True, select=True):
         g.add_argument("--adapter", default="linear", choices=["linear", "mlp", "none"],
                        help="adapter form (none: use the encoder's features as they are; needs equal dims)")
         g.add_argument("--adapter-loss", default="infonce", choices=["infonce", "class"])
-        g.add_argument("--adapter-epochs", type=_num(lo=0, integer=True), default=30)
-        g.add_argument("--adapter-lr", type=_num(lo=0, lo_open=True), default=1e-4)
-        g.add_argument("--adapter-batch", type=COUNT, default=256)
-        g.add_argument("--shared-dim", type=COUNT, help="adapter output dim (default: min(image dim, text dim))")
+        _number(g, "--adapter-epochs", NATURAL, default=30)
+        _number(g, "--adapter-lr", dict(lo=0, lo_open=True), default=1e-4)
+        _number(g, "--adapter-batch", COUNT, default=256)
+        _number(g, "--shared-dim", COUNT, help="adapter output dim (default: min(image dim, text dim))")
     if score:
         g = p.add_argument_group("scores")
-        g.add_argument("--k-fraction", type=FRACTION, default=0.1, help="SDS neighbours as a fraction of the class")
-        g.add_argument("--k-neighbors", type=COUNT, help="a fixed K instead of --k-fraction")
-        g.add_argument("--reference-threshold", type=COUNT,
-                       help="classes above this size measure SDS against a random reference sample")
-        g.add_argument("--reference-size", type=_num(lo=2, integer=True), default=4096)
+        _number(g, "--k-fraction", FRACTION, default=0.1, help="SDS neighbours as a fraction of the class")
+        _number(g, "--k-neighbors", COUNT, help="a fixed K instead of --k-fraction")
+        _number(g, "--reference-threshold", COUNT,
+                help="classes above this size measure SDS against a random reference sample")
+        _number(g, "--reference-size", dict(lo=2, integer=True), default=4096)
         g.add_argument("--alpha", default="code", help="diversity weight: code (0.1), paper (= ratio), or a number")
     if select:
         g = p.add_argument_group("selection")
-        g.add_argument("--ratio", type=FRACTION, help="fraction of the samples to keep, in (0, 1]")
+        _number(g, "--ratio", FRACTION, help="fraction of the samples to keep, in (0, 1]")
         g.add_argument("--balance", default="class", choices=["class", "global"],
                        help="class: each class keeps round(ratio * n_c); global: the paper's top-k overall")
-        g.add_argument("--beta", type=_num(lo=0), default=2.0, help="weight of the count constraint")
-        g.add_argument("--max-steps", type=_num(lo=0, integer=True), default=100_000, help="optimiser steps at most")
+        _number(g, "--beta", dict(lo=0), default=2.0, help="weight of the count constraint")
+        _number(g, "--max-steps", NATURAL, default=100_000, help="optimiser steps at most")
         g.add_argument("--loop", default="band", choices=["band", "full"],
                        help="band: the optimiser on the samples around rank k (same result, far less work); "
                             "full: on every sample")
-    p.add_argument("--seed", type=_num(lo=0, integer=True), default=0)
+    _number(p, "--seed", NATURAL, default=0)
 
 
 def _wait_arg(p):
-    p.add_argument("--wait", nargs="?", const=True, default=False, type=_num(lo=0), metavar="SECONDS",
+    p.add_argument("--wait", nargs="?", const=True, default=False, type=checks.arg_number("wait", lo=0),
+                   metavar="SECONDS",
                    help="if another run holds --workdir, wait for it (at most SECONDS if given) instead of refusing")
 
 
@@ -481,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--embeddings", help="an .npz of `clipsel adapt` (or of `clipsel embed` with a CLIP encoder)")
     p.add_argument("--out", default="out/scores.csv", help="scores CSV; the arrays go beside it as .npz")
-    p.add_argument("--ratio", type=FRACTION, help="with --alpha paper: the ratio alpha follows")
+    _number(p, "--ratio", FRACTION, help="with --alpha paper: the ratio alpha follows")
     _method_args(p, adapt=False, select=False)
     p.set_defaults(func=cmd_score)
 

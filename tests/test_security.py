@@ -139,14 +139,14 @@ def test_nan_embeddings_are_refused_by_adapters_and_scores(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--k-neighbors", "0"], "argument --k-neighbors: the value must be >= 1, got 0"),
-    (["--k-neighbors", "-1"], "argument --k-neighbors: the value must be >= 1"),
-    (["--reference-size", "0"], "argument --reference-size: the value must be >= 2"),
-    (["--adapter-lr", "nan"], "argument --adapter-lr: the value must be finite"),
+    (["--k-neighbors", "0"], "argument --k-neighbors: k_neighbors must be >= 1, got 0"),
+    (["--k-neighbors", "-1"], "argument --k-neighbors: k_neighbors must be >= 1"),
+    (["--reference-size", "0"], "argument --reference-size: reference_size must be >= 2"),
+    (["--adapter-lr", "nan"], "argument --adapter-lr: adapter_lr must be finite"),
     (["--alpha", "inf"], "--alpha must be code, paper or a finite number >= 0"),
-    (["--beta", "nan"], "argument --beta: the value must be finite"),
-    (["--ratio", "nan"], "argument --ratio: the value must be finite"),
-    (["--seed", "-3"], "argument --seed: the value must be >= 0"),
+    (["--beta", "nan"], "argument --beta: beta must be finite"),
+    (["--ratio", "nan"], "argument --ratio: ratio must be finite"),
+    (["--seed", "-3"], "argument --seed: seed must be >= 0"),
 ])
 def test_cli_refuses_bad_numbers_before_embedding(argv, message, tmp_path, capsys):
     emb = embeddings_file(tmp_path / "e.npz")

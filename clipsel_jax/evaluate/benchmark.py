@@ -48,19 +48,23 @@ def add_arguments(ap) -> None:
     ap.add_argument("--methods", nargs="+", default=["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs",
                                                      "confident_learning", "el2n", "grand", "forgetting", "full"],
                     help="'full' is the reference: the whole training set, one row per noise and seed (keep 1.0)")
-    count, natural = arg_number(lo=1, integer=True), arg_number(lo=0, integer=True)
-    ap.add_argument("--ratios", nargs="+", type=arg_number(lo=0, hi=1, lo_open=True), default=[0.3, 0.5, 0.7])
-    ap.add_argument("--noise", nargs="+", type=arg_number(lo=0, hi=1, hi_open=True), default=[0.0, 0.2],
+    def count(name, lo=1):
+        return arg_number(name, lo=lo, integer=True)
+
+    ap.add_argument("--ratios", nargs="+", type=arg_number("ratio", lo=0, hi=1, lo_open=True),
+                    default=[0.3, 0.5, 0.7])
+    ap.add_argument("--noise", nargs="+", type=arg_number("noise", lo=0, hi=1, hi_open=True), default=[0.0, 0.2],
                     help="symmetric label-noise fractions")
-    ap.add_argument("--seeds", nargs="+", type=natural, default=[0, 1, 2])
-    ap.add_argument("--train-epochs", type=natural, default=0,
+    ap.add_argument("--seeds", nargs="+", type=count("seed", lo=0), default=[0, 1, 2])
+    ap.add_argument("--train-epochs", type=count("train_epochs", lo=0), default=0,
                     help="train the small CNN this many epochs of each subset")
-    ap.add_argument("--train-steps", type=natural, default=0,
+    ap.add_argument("--train-steps", type=count("train_steps", lo=0), default=0,
                     help="or a fixed budget of SGD steps (batch 128) for every subset, whatever its size")
-    ap.add_argument("--train-width", type=count, default=32, help="small CNN width (also for the dynamics runs)")
-    ap.add_argument("--dynamics-epochs", type=count, default=3,
+    ap.add_argument("--train-width", type=count("train_width"), default=32,
+                    help="small CNN width (also for the dynamics runs)")
+    ap.add_argument("--dynamics-epochs", type=count("dynamics_epochs"), default=3,
                     help="length of the short run that scores EL2N / GraNd / Forgetting (cached per noise and seed)")
-    ap.add_argument("--limit", type=count, help="first N training images (class-sorted zip: use with care)")
+    ap.add_argument("--limit", type=count("limit"), help="first N training images (class-sorted zip: use with care)")
 
 
 def run(args) -> int:
