@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from clipsel_jax.weights import file_sha256
+from clipsel_jax.hashing import file_sha256
 
 CHECKSUMS = "checksums.json"
 

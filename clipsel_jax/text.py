@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipsel_jax.weights import CheckpointError
+from clipsel_jax.errors import CheckpointError
 
 
 def load_tokenizer(spec: str):

@@ -23,11 +23,11 @@ from flax import nnx
 from transformers import CLIPConfig
 
 from clipsel_jax import torchfile
+from clipsel_jax.data.preprocess import ImagePreprocessing
+from clipsel_jax.errors import CheckpointError, check_tensor_names, list_names
+from clipsel_jax.hashing import file_sha256  # noqa: F401  (re-exported: its home was here)
 from clipsel_jax.models.clip import ACTIVATIONS, CLIPModel
 
-
-class CheckpointError(ValueError):
-    """A checkpoint or encoder spec that cannot be loaded; the message says what is wrong and what to do."""
 
 
 # Tensors some checkpoints carry that are buffers, not weights.
@@ -35,20 +35,6 @@ IGNORED_KEYS = re.compile(r"(^|\.)position_ids$|^input_resolution$|^context_leng
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
                 "merges.txt", "special_tokens_map.json"]
-
-
-@dataclass
-class ImagePreprocessing:
-    """What ``CLIPImageProcessor`` does to a uint8 image, read from a checkpoint's preprocessor config."""
-
-    shortest_edge: int = 224
-    crop_size: tuple[int, int] = (224, 224)
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    def to_dict(self) -> dict:
-        return {"shortest_edge": self.shortest_edge, "crop_size": list(self.crop_size),
-                "image_mean": list(self.image_mean), "image_std": list(self.image_std), "resample": "bicubic"}
 
 
 @dataclass
@@ -60,6 +46,17 @@ class Checkpoint:
     preprocessing: ImagePreprocessing
     tokenizer_source: str | None  # a folder (or hub id) that holds the tokenizer files
     identity: dict = field(default_factory=dict)  # what the checkpoint is, for cache keys and metadata
+    # OpenCLIP / OpenAI files do not say their special-token ids: the text config holds CLIP's BPE defaults until
+    # ``use_tokenizer`` sets those of the tokenizer actually loaded (load_encoder does).
+    token_ids_from_tokenizer: bool = False
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Take the eos/bos/pad ids of a loaded tokenizer into the text config, where the checkpoint leaves them to
+        the tokenizer; a Hugging Face config's own ids (legacy eos 2 included) are kept."""
+        if self.token_ids_from_tokenizer:
+            text = self.config.text_config
+            text.eos_token_id, text.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+            text.pad_token_id = tokenizer.pad_token_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,12 +165,6 @@ def _to_nnx_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     return array
 
 
-def _list_names(names, limit=12) -> str:
-    names = sorted(names)
-    more = f" … and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def build_clip_model(config: CLIPConfig, state_dict: dict[str, np.ndarray], dtype=jnp.float32,
                      source: str = "checkpoint") -> CLIPModel:
     """An NNX ``CLIPModel`` holding exactly the tensors of ``state_dict`` (Hugging Face names)."""
@@ -194,27 +185,6 @@ def build_clip_model(config: CLIPConfig, state_dict: dict[str, np.ndarray], dtyp
     unexpected = [k for k in state_dict if k not in used and not IGNORED_KEYS.search(k)]
     check_tensor_names(source, "the CLIP architecture of its config", missing, unexpected, misshaped)
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
-
-
-def check_tensor_names(source: str, what: str, missing, unexpected, misshaped) -> None:
-    """One CheckpointError naming every missing, unexpected and mis-shaped tensor, if there are any."""
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_list_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_list_names(unexpected)}")
-    if misshaped:
-        problems.append(f"tensors with the wrong shape: {_list_names(misshaped)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match {what}: " + "; ".join(problems))
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,15 +325,16 @@ def _count_blocks(sd, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: int, bos_token_id: int,
-                    pad_token_id: int, model_cfg: dict | None = None) -> CLIPConfig:
-    """A CLIPConfig inferred from the shapes of an OpenCLIP / OpenAI ViT state dict."""
+def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: int = 49407, bos_token_id: int = 49406,
+                    pad_token_id: int = 49407, model_cfg: dict | None = None) -> CLIPConfig:
+    """A CLIPConfig inferred from the shapes of an OpenCLIP / OpenAI ViT state dict; the token ids default to those
+    of CLIP's BPE tokenizer (<|startoftext|> 49406, <|endoftext|> 49407, also the pad token)."""
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
             "positional_embedding", "ln_final.weight", "text_projection"]
     absent = [k for k in need if k not in sd]
     if absent:
         hint = " (a ResNet-based CLIP: only ViT towers are supported)" if "visual.layer1.0.conv1.weight" in sd else ""
-        raise CheckpointError(f"not an OpenCLIP/OpenAI ViT CLIP state dict{hint}: missing tensors {_list_names(absent)}")
+        raise CheckpointError(f"not an OpenCLIP/OpenAI ViT CLIP state dict{hint}: missing tensors {list_names(absent)}")
     model_cfg = model_cfg or {}
     v_width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
@@ -395,6 +366,8 @@ def openclip_config(sd: dict[str, np.ndarray], activation: str, eos_token_id: in
 def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activation: str | None, *,
                        allow_torchscript: bool = False) -> Checkpoint:
     """An OpenCLIP / OpenAI state-dict file; ``open_clip_config.json`` beside it is used when present.
+    ``tokenizer``: where its tokenizer is (folder or hub id; default: the file's folder if it holds one). It is only
+    recorded here, not loaded: the caller loads it and passes it to ``Checkpoint.use_tokenizer`` for its token ids.
     ``allow_torchscript``: read TorchScript archives (OpenAI's .pt releases), which run code while loading."""
     path = Path(path)
     _check_torchscript(path, allow_torchscript)  # before the tokenizer and activation questions
@@ -424,21 +397,19 @@ def read_openclip_file(path: str | os.PathLike, tokenizer: str | None, activatio
         raise CheckpointError(
             f"{path.name} holds no tokenizer. Pass tokenizer=<folder with CLIP's vocab.json/merges.txt or "
             "tokenizer.json> or tokenizer='openai/clip-vit-base-patch32' (hub id, cached after the first download)")
-    from clipsel_jax.text import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
     sd = read_state_dict(path, allow_torchscript=allow_torchscript)
-    config = openclip_config(sd, activation, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, model_cfg)
+    config = openclip_config(sd, activation, model_cfg=model_cfg)
     pre.shortest_edge = config.vision_config.image_size
     pre.crop_size = (config.vision_config.image_size,) * 2
     identity = {"kind": "openclip_file", "path": str(path.resolve()), "weights_sha": _weights_fingerprint([path]),
                 "activation": activation, "tokenizer": str(tokenizer)}
-    return Checkpoint(config, openclip_to_hf(sd), pre, tokenizer, identity)
+    return Checkpoint(config, openclip_to_hf(sd), pre, str(tokenizer), identity, token_ids_from_tokenizer=True)
 
 
 def read_checkpoint(spec: str | os.PathLike, tokenizer: str | None = None, activation: str | None = None,
                     revision: str | None = None, *, allow_torchscript: bool = False) -> Checkpoint:
-    """Resolve an encoder spec: a local folder, a state-dict file, or a hub id ("org/name").
+    """Resolve an encoder spec: a local folder, a state-dict file, or a hub id ("org/name"). Loads no tokenizer:
+    for a state-dict file, load ``tokenizer_source`` and pass it to ``Checkpoint.use_tokenizer`` before building.
     ``allow_torchscript``: read a TorchScript state-dict file (it runs code while loading; refused by default)."""
     spec_str = str(spec)
     path = Path(spec_str).expanduser()

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import clipsel_jax as cs  # noqa: E402
-from clipsel_jax.weights import CheckpointError  # noqa: E402
+from clipsel_jax.errors import CheckpointError  # noqa: E402
 
 BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
          "mlp.fc2": "mlp.c_proj"}

@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 import clipsel_jax as cs
-from clipsel_jax.data.preprocess import as_rgb_uint8, prepare_images
-from clipsel_jax.weights import ImagePreprocessing
+from clipsel_jax.data.preprocess import ImagePreprocessing, as_rgb_uint8, prepare_images
 
 skdata = pytest.importorskip("skimage.data")
 torch = pytest.importorskip("torch")

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from clipsel_jax.weights import ImagePreprocessing
+
+@dataclass
+class ImagePreprocessing:
+    """What ``CLIPImageProcessor`` does to a uint8 image, read from a checkpoint's preprocessor config."""
+
+    shortest_edge: int = 224
+    crop_size: tuple[int, int] = (224, 224)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def to_dict(self) -> dict:
+        return {"shortest_edge": self.shortest_edge, "crop_size": list(self.crop_size),
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std), "resample": "bicubic"}
 
 
 class ImageError(ValueError):

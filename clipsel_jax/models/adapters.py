@@ -1,5 +1,6 @@
-"""Dataset adapters A_I and A_T (METHOD.md section 1): small trainable maps from a frozen encoder's features to a
-shared space. Linear by default, as in the authors' code; a two-layer residual MLP as an option."""
+"""Dataset adapters A_I and A_T (docs/method.md, "Dataset adaptation"): small trainable maps from a frozen
+encoder's features to a shared space. Linear by default, as in the authors' code; a two-layer residual MLP as an
+option."""
 
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipsel_jax.errors import CheckpointError, list_names
+
 # Stages of EfficientNet-B0/Lite0: (repeats, kernel, stride of the first block, expansion, in, out channels).
 STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
@@ -171,11 +173,9 @@ def expected_torch_keys() -> set[str]:
 
 
 def check_state_dict(sd: dict[str, np.ndarray], source: str) -> None:
-    from clipsel_jax.weights import CheckpointError, _list_names
-
     have = {k for k in sd if not k.endswith("num_batches_tracked")}  # a training counter, not a weight
     missing, unexpected = expected_torch_keys() - have, have - expected_torch_keys()
     if missing or unexpected:
         raise CheckpointError(f"{source} is not an EfficientNet-Lite0 state dict in efficientnet_pytorch naming: "
-                              f"missing {_list_names(missing) or 'none'}; "
-                              f"unexpected {_list_names(unexpected) or 'none'}")
+                              f"missing {list_names(missing) or 'none'}; "
+                              f"unexpected {list_names(unexpected) or 'none'}")

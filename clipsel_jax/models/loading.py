@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipsel_jax.errors import check_tensor_names
+
 
 def build_from_arrays(make: Callable[[], nnx.Module], arrays: dict[str, np.ndarray], source: str) -> nnx.Module:
     """``make()`` (built abstractly, no random init) with every parameter taken from ``arrays``, keyed by the
     dotted parameter path (``blocks.3.depthwise.kernel``) and already in NNX layout. Missing, unexpected and
     mis-shaped arrays are reported together in one ``CheckpointError``."""
-    from clipsel_jax.weights import check_tensor_names
-
     graphdef, state = nnx.split(nnx.eval_shape(make))
     used, missing, misshaped, filled = set(), [], [], []
     for path, var in nnx.to_flat_state(state):

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipsel_jax.errors import CheckpointError
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -30,8 +32,6 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "BertConfig":
-        from clipsel_jax.weights import CheckpointError
-
         if cfg.get("model_type") != "bert":
             raise CheckpointError(f"expected a BERT config (model_type 'bert'), got {cfg.get('model_type')!r}")
         if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute":
