@@ -12,7 +12,9 @@ import numbers
 
 import numpy as np
 
-ROW_CHUNK = 65536  # rows per pass when scanning an (N, D) array: a whole boolean temporary would cost N*D bytes
+# Rows per pass over an (N, D) array, wherever one is worked through in slices (checks here, scores and adapters
+# on device, gathers): temporaries stay bounded for any N (a whole boolean one would cost N*D bytes).
+ROW_CHUNK = 65536
 
 
 class StageOutputError(ValueError):

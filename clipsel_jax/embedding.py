@@ -29,8 +29,8 @@ import numpy as np
 from clipsel_jax import checks, parallel
 from clipsel_jax.data.preprocess import resize_and_crop
 from clipsel_jax.data.sources import UnreadableImage, decode_record_image
+from clipsel_jax.hashing import file_sha256
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
-from clipsel_jax.weights import file_sha256
 from clipsel_jax.workdir_lock import with_workdir_lock
 
 CACHE_FORMAT = 1
@@ -120,40 +120,74 @@ def class_text_embeddings(encoder, class_names, templates) -> tuple[np.ndarray, 
 # The input pipeline
 
 
+PADDING = -1  # the sample index of a padding row: it fills the last global batch of a chunk, and is dropped
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One sample as the model takes it, as the input pipeline hands it on.
+
+    A padding row (``index == PADDING``) holds zero pixels, label -1 and reason "": it only fills the last batch
+    of a chunk, and is dropped with its features. An unreadable image keeps its index and label, zero pixels, and
+    the reason it could not be read; its features are zeroed and the sample is excluded from the result."""
+
+    index: int  # the sample's position in the source's order, or PADDING
+    pixels: np.ndarray  # uint8 (H, W, 3): the image after the model's resize + crop
+    label: int
+    reason: str = ""  # why the image could not be read; "" for a read image (and for padding)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A process-local batch of Prepared samples, field by field."""
+
+    index: np.ndarray  # int64 (B,), PADDING for padding rows
+    pixels: np.ndarray  # uint8 (B, H, W, 3)
+    labels: np.ndarray  # int64 (B,)
+    reasons: list[str]  # "" where the image was read
+
+
 class _Prepare:
-    """Sample index -> the model's uint8 input and its label; runs in grain's threads or worker processes.
-    Index -1 is padding (the end of the last batch of a chunk)."""
+    """Sample index -> the model's uint8 input and its label (a Prepared); runs in grain's threads or worker
+    processes. Index PADDING gives a padding row."""
 
     def __init__(self, source, preprocessing):
         self.source, self.preprocessing = source, preprocessing
         self.shape = (*preprocessing.crop_size, 3)
 
-    def __call__(self, i):
+    def padding(self) -> Prepared:
+        return Prepared(PADDING, np.zeros(self.shape, np.uint8), -1)
+
+    def __call__(self, i) -> Prepared:
         i = int(i)
-        if i < 0:
-            return i, np.zeros(self.shape, np.uint8), -1, ""
-        try:
-            image, label = self.source.read_example(i)
-            return i, resize_and_crop(image, self.preprocessing), int(label), ""
-        except UnreadableImage as e:
-            return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), str(e) or "unreadable"
-        except ValueError as e:  # e.g. a decoded image of zero size
-            return i, np.zeros(self.shape, np.uint8), self.source.label_of(i), f"{type(e).__name__}: {e}"
+        if i == PADDING:
+            return self.padding()
+        return self._prepared(i, lambda: self.source.read_example(i), lambda: self.source.label_of(i))
 
-    def from_record(self, i, image, label):
+    def from_record(self, i, image, label) -> Prepared:
         """A streamed record (encoded bytes or an array) -> the same output as __call__."""
+
+        def read():
+            return decode_record_image(image, f"record {i}", self.source.max_image_pixels), label
+
+        return self._prepared(i, read, lambda: label)
+
+    def _prepared(self, i: int, read, label_if_unreadable) -> Prepared:
+        """read() -> (image, label), resized and cropped; an image that cannot be read or resized gives an
+        unreadable record: zero pixels, label_if_unreadable(), and the reason."""
         try:
-            image = decode_record_image(image, f"record {i}", self.source.max_image_pixels)
-            return i, resize_and_crop(image, self.preprocessing), int(label), ""
+            image, label = read()
+            return Prepared(i, resize_and_crop(image, self.preprocessing), int(label))
         except UnreadableImage as e:
-            return i, np.zeros(self.shape, np.uint8), int(label), str(e) or "unreadable"
-        except ValueError as e:
-            return i, np.zeros(self.shape, np.uint8), int(label), f"{type(e).__name__}: {e}"
+            reason = str(e) or "unreadable"
+        except ValueError as e:  # e.g. a decoded image of zero size
+            reason = f"{type(e).__name__}: {e}"
+        return Prepared(i, np.zeros(self.shape, np.uint8), int(label_if_unreadable()), reason)
 
 
-def _collate(items):
-    idx, pixels, labels, reasons = zip(*items)
-    return np.asarray(idx, np.int64), np.stack(pixels), np.asarray(labels, np.int64), list(reasons)
+def _collate(items: list[Prepared]) -> PreparedBatch:
+    return PreparedBatch(np.asarray([p.index for p in items], np.int64), np.stack([p.pixels for p in items]),
+                         np.asarray([p.label for p in items], np.int64), [p.reason for p in items])
 
 
 def _pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, threads: int, workers: int):
@@ -178,8 +212,8 @@ def _stream_pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, 
     from concurrent.futures import ThreadPoolExecutor
 
     prepare = _Prepare(source, preprocessing)
-    need = rows[rows >= 0]
-    padding = (-1, np.zeros(prepare.shape, np.uint8), -1, "")
+    need = rows[rows != PADDING]
+    padding = prepare.padding()
     pool = ThreadPoolExecutor(threads)
     try:
         records = iter(())
@@ -199,7 +233,7 @@ def _stream_pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, 
         for b in range(0, len(rows), local_batch):
             out = []
             for r in rows[b:b + local_batch]:
-                if r < 0:
+                if r == PADDING:
                     out.append(padding)
                     continue
                 if not pending:
@@ -341,8 +375,8 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
             bar.write(f"embedding cache {cache.dir}: {len(done)} of {n_chunks} chunks done, {state}")
 
     if todo:
-        # Each chunk is padded to whole global batches (-1 = padding); this process reads its slice of each.
-        padded = [np.concatenate([np.arange(a, b), -np.ones(parallel.round_up(b - a, global_batch) - (b - a), int)])
+        # Each chunk is padded to whole global batches (PADDING rows); this process reads its slice of each.
+        padded = [np.concatenate([np.arange(a, b), np.full(parallel.round_up(b - a, global_batch) - (b - a), PADDING)])
                   for a, b in (ranges[j] for j in todo)]
         rows = np.concatenate(padded).reshape(-1, n_proc, local_batch)[:, jax.process_index()].reshape(-1)
         if getattr(source, "streaming", False):  # read in order (tf.data); decoded in threads
@@ -383,20 +417,21 @@ def _embed_chunk(chunk_rows, batches, encoder, global_batch, local_batch, bar):
     lo = jax.process_index() * local_batch
     feats, labels, reasons, pending = [], [], [], None
     for b in range(n_batches):
-        idx, pixels, lab, why = next(batches)
+        batch = next(batches)
         expected = chunk_rows[b * global_batch + lo: b * global_batch + lo + local_batch]
-        if not np.array_equal(idx, expected):  # the pipeline must never reorder or drop samples
-            raise RuntimeError(f"input pipeline returned samples {idx[:4]}... where {expected[:4]}... were due")
-        out = encoder.features_of_prepared(pixels)
+        if not np.array_equal(batch.index, expected):  # the pipeline must never reorder or drop samples
+            raise RuntimeError(f"input pipeline returned samples {batch.index[:4]}... where {expected[:4]}... "
+                               "were due")
+        out = encoder.features_of_prepared(batch.pixels)
         if pending is not None:
             feats.append(parallel.to_host(pending))
         pending = out
-        labels.append(_gather_host(lab))
-        reasons.extend(_gather_strings(why))
+        labels.append(_gather_host(batch.labels))
+        reasons.extend(_gather_strings(batch.reasons))
         if bar is not None:
-            bar.update(int((chunk_rows[b * global_batch:(b + 1) * global_batch] >= 0).sum()))
+            bar.update(int((chunk_rows[b * global_batch:(b + 1) * global_batch] != PADDING).sum()))
     feats.append(parallel.to_host(pending))
-    real = chunk_rows >= 0
+    real = chunk_rows != PADDING
     ids = chunk_rows[real]
     labels = np.concatenate(labels)[real]
     emb = np.concatenate(feats)[real].astype(np.float32)

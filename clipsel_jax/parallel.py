@@ -72,13 +72,26 @@ def default_cpu_devices() -> str | None:
     59.4 s in two runs; README, Benchmarks); it changes no result (the same mask on any device count is tested)."""
     import os
 
-    from jax._src import xla_bridge
-
     if (os.environ.get("JAX_NUM_CPU_DEVICES") or "xla_force_host_platform_device_count" in os.environ.get(
             "XLA_FLAGS", "") or os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_NUM_PROCESSES")
-            or xla_bridge.backends_are_initialized() or _accelerator_present()):
+            or _backends_started() or _accelerator_present()):
         return None
     return "auto"
+
+
+def _backends_started() -> bool:
+    """Whether JAX has created its backends (devices) in this process, found without creating them.
+
+    JAX has no public query for this (jax._src.xla_bridge.backends_are_initialized is private). Its public config
+    refuses any change of jax_num_cpu_devices once the backends exist (RuntimeError, JAX 0.6 to 0.12), so a change
+    is tried and at once undone; before the backends exist that changes nothing."""
+    current = jax.config.jax_num_cpu_devices
+    try:
+        jax.config.update("jax_num_cpu_devices", max(current, 0) + 1)
+    except RuntimeError:
+        return True
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
 
 
 def _accelerator_present() -> bool:
@@ -108,9 +121,9 @@ def use_cpu_devices(n: int | str = "auto") -> int:
         raise ValueError(f"--cpu-devices must be a positive integer or 'auto', got {n!r}") from None
     if n < 1:
         raise ValueError(f"--cpu-devices must be a positive integer or 'auto', got {n}")
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)  # refused (RuntimeError) once JAX has created its backends
+    except RuntimeError:
         try:
             have = len(jax.local_devices(backend="cpu"))
         except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS without cpu): nothing to split
@@ -118,9 +131,7 @@ def use_cpu_devices(n: int | str = "auto") -> int:
         if have != n:
             raise ValueError(f"JAX already runs with {have} CPU device(s); asking for {n} must happen before the "
                              "first JAX computation (call use_cpu_devices first, or set JAX_NUM_CPU_DEVICES before "
-                             "starting Python)")
-        return n
-    jax.config.update("jax_num_cpu_devices", n)
+                             "starting Python)") from None
     return n
 
 

@@ -17,7 +17,7 @@ def get_config():
         "prompt": ["A photo of a {}."],
         "ratio": 0.3,
         "adapter": "linear",
-        "adapter_epochs": 30,  # Adam 1e-4, batch 256: METHOD.md
+        "adapter_epochs": 30,  # Adam 1e-4, batch 256: docs/method.md, "Dataset adaptation"
         "k_fraction": 0.1,  # SDS: K = 10% of the class
         "balance": "class",
         "alpha": "code",  # 0.1, as the authors' code

@@ -329,3 +329,44 @@ def test_cifar10_slice(encoders, tmp_path):
     np.testing.assert_array_equal(e.labels, src.labels[:96])
     np.testing.assert_allclose(e.image_emb, encoders[0].encode_images([src.read(i) for i in range(96)]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_records_padding_and_unreadable_from_both_paths():
+    """A sample read by index (__call__) and the same sample streamed as a record (from_record) give the same
+    Prepared; an image that cannot be read gives an unreadable record (zero pixels, its label, the reason) on
+    both paths; PADDING gives the padding row; _collate keeps the fields by name."""
+    from types import SimpleNamespace
+
+    from clipsel_jax.data.preprocess import as_rgb_uint8
+    from clipsel_jax.embedding import PADDING, Prepared, _collate, _Prepare
+
+    class Source:
+        max_image_pixels = None
+        images = [np.full((12, 9, 3), 200, np.uint8), np.zeros((0, 5, 3), np.uint8)]  # the second: no pixels
+
+        def read_example(self, i):
+            if i == 2:
+                raise UnreadableImage("truncated file")
+            return as_rgb_uint8(self.images[i], f"sample {i}"), 7 + i  # as the sources decode
+
+        def label_of(self, i):
+            return 7 + i
+
+    prepare = _Prepare(Source(), SimpleNamespace(shortest_edge=8, crop_size=(8, 8)))
+    good = prepare(0)
+    assert good.index == 0 and good.label == 7 and good.reason == "" and good.pixels.shape == (8, 8, 3)
+    assert good.pixels.any()
+    streamed = prepare.from_record(0, Source.images[0], 7)
+    assert (streamed.index, streamed.label, streamed.reason) == (0, 7, "")
+    np.testing.assert_array_equal(streamed.pixels, good.pixels)
+    for bad in (prepare(1), prepare(2), prepare.from_record(1, Source.images[1], 8), prepare.from_record(
+            2, b"not an image", 9)):
+        assert bad.reason and bad.label == 7 + bad.index and not bad.pixels.any()
+        assert bad.pixels.shape == (8, 8, 3)
+    assert prepare(2).reason == "truncated file"
+    pad = prepare(PADDING)
+    assert pad == Prepared(PADDING, pad.pixels, -1, "") and not pad.pixels.any()
+    batch = _collate([good, prepare(2), pad])
+    np.testing.assert_array_equal(batch.index, [0, 2, PADDING])
+    np.testing.assert_array_equal(batch.labels, [7, 9, -1])
+    assert batch.reasons == ["", "truncated file", ""] and batch.pixels.shape == (3, 8, 8, 3)
