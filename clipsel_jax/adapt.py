@@ -1,4 +1,5 @@
-"""Dataset adaptation (METHOD.md section 1): train the image and text adapters on (image, class prompt) pairs.
+"""Dataset adaptation (docs/method.md, "Dataset adaptation"): train the image and text adapters on
+(image, class prompt) pairs.
 
 Losses: "infonce" (default): symmetric InfoNCE between L2-normalised adapted image features and the adapted prompts
 of their labels, learnable temperature; samples of the same class in a batch share one prompt, so every same-class
@@ -36,15 +37,16 @@ class AdaptConfig:
     epochs: int = 30
     lr: float = 1e-4
     batch_size: int = 256
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed (select_from_embeddings' seed; 0 for train_adapters alone)
 
     def __post_init__(self):
         if self.loss not in ("infonce", "class"):
             raise ValueError(f"adapter loss must be 'infonce' or 'class', got {self.loss!r}")
         try:  # frozen: checked values are written back with object.__setattr__ (numpy scalars become Python ones)
             for name, bounds in (("epochs", dict(lo=0, integer=True)), ("batch_size", dict(lo=1, integer=True)),
-                                 ("lr", dict(lo=0, lo_open=True)), ("seed", dict(integer=True))):
+                                 ("lr", dict(lo=0, lo_open=True))):
                 object.__setattr__(self, name, checks.number(name, getattr(self, name), **bounds))
+            object.__setattr__(self, "seed", checks.optional_number("seed", self.seed, lo=0, integer=True))
             object.__setattr__(self, "shared_dim",
                                checks.optional_number("shared_dim", self.shared_dim, lo=1, integer=True))
         except ValueError as e:
@@ -92,6 +94,9 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     workdir: checkpoints under workdir/adapters, held for the call (see clipsel_jax.workdir_lock).
     """
     mesh = mesh or parallel.data_mesh()
+    if cfg.seed is None:  # the settings (and checkpoints) record the seed actually used
+        cfg = dataclasses.replace(cfg, seed=0)
+    seed = cfg.seed
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     checks.finite_input("image_emb", image_emb)
@@ -99,7 +104,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     labels = np.asarray(labels, np.int32)
     idx_all = np.arange(len(labels)) if train_indices is None else np.asarray(train_indices)
     adapters = Adapters(image_emb.shape[1], text_emb.shape[1], cfg.shared_dim, cfg.kind,
-                        rngs=nnx.Rngs(cfg.seed))
+                        rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(adapters)
     tx = optax.adam(cfg.lr)
     rep = parallel.replicated(mesh)
@@ -143,7 +148,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and done_here >= stop_after_epochs:
             break
-        order = idx_all[np.random.default_rng([cfg.seed, epoch]).permutation(len(idx_all))]
+        order = idx_all[np.random.default_rng([seed, epoch]).permutation(len(idx_all))]
         losses = []
         for start in range(0, len(order), batch):
             rows = order[start:start + batch]
@@ -173,7 +178,8 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     return nnx.merge(graphdef, params), history
 
 
-def apply_adapters(adapters: Adapters, image_emb: np.ndarray, text_emb: np.ndarray, batch: int = 65536):
+def apply_adapters(adapters: Adapters, image_emb: np.ndarray, text_emb: np.ndarray,
+                   batch: int = checks.ROW_CHUNK):
     """Adapted features (u, v) as float32 numpy, images in chunks to bound memory."""
     graphdef, params = nnx.split(adapters)
     f_img = jax.jit(lambda p, x: nnx.merge(graphdef, p).image(x))
@@ -185,3 +191,29 @@ def apply_adapters(adapters: Adapters, image_emb: np.ndarray, text_emb: np.ndarr
         checks.finite_output("dataset adaptation", name, x, "the adapter weights hold NaN or inf (a diverged "
                              "training: lower the learning rate), or the embeddings hold extreme values")
     return u, v
+
+
+@dataclass
+class Adapted:
+    """The adaptation stage's output: image and prompt features in one shared space."""
+
+    image: np.ndarray  # float32 (N, D): u_i = A_I(f_I(x_i)), or the encoder's features when not adapted
+    text: np.ndarray  # float32 (C, D): v_c = A_T(f_T(p_c))
+    config: AdaptConfig | None  # the settings used (seed resolved); None: not adapted
+    history: dict | None  # train_adapters' history (per-epoch loss, resumed_from); None: not adapted
+
+
+def adapt(image_emb, labels, text_emb, cfg: AdaptConfig | None = AdaptConfig(), *, seed: int = 0,
+          workdir: str | Path | None = None, mesh=None, progress: bool = False) -> Adapted:
+    """The dataset-adaptation stage: train the adapters (cfg; its seed, if None, is `seed`) and map the features
+    into their shared space. cfg None (or 0 epochs) keeps the encoder's features, which must then share a dim."""
+    if cfg is None or cfg.epochs == 0:
+        if np.shape(image_emb)[1] != np.shape(text_emb)[1]:
+            raise ValueError(f"image dim {np.shape(image_emb)[1]} != text dim {np.shape(text_emb)[1]}: unaligned "
+                             "encoders need adapters (adapter=AdaptConfig(...) with epochs > 0)")
+        return Adapted(image_emb, np.asarray(text_emb, np.float32), None, None)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    adapters, history = train_adapters(image_emb, labels, text_emb, cfg, workdir=workdir, mesh=mesh, progress=progress)
+    u, v = apply_adapters(adapters, image_emb, text_emb)
+    return Adapted(u, v, cfg, history)

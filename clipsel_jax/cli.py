@@ -98,14 +98,18 @@ def _embed_args(p):
 
 
 def _method_args(p, adapt=True, score=True, select=True):
+    # Defaults come from the config dataclasses: each is written once, there.
+    from clipsel_jax.adapt import AdaptConfig
+    from clipsel_jax.selection import SelectionConfig
+
     if adapt:
         g = p.add_argument_group("dataset adaptation")
-        g.add_argument("--adapter", default="linear", choices=["linear", "mlp", "none"],
+        g.add_argument("--adapter", default=AdaptConfig.kind, choices=["linear", "mlp", "none"],
                        help="adapter form (none: use the encoder's features as they are; needs equal dims)")
-        g.add_argument("--adapter-loss", default="infonce", choices=["infonce", "class"])
-        _number(g, "--adapter-epochs", NATURAL, default=30)
-        _number(g, "--adapter-lr", dict(lo=0, lo_open=True), default=1e-4)
-        _number(g, "--adapter-batch", COUNT, default=256)
+        g.add_argument("--adapter-loss", default=AdaptConfig.loss, choices=["infonce", "class"])
+        _number(g, "--adapter-epochs", NATURAL, default=AdaptConfig.epochs)
+        _number(g, "--adapter-lr", dict(lo=0, lo_open=True), default=AdaptConfig.lr)
+        _number(g, "--adapter-batch", COUNT, default=AdaptConfig.batch_size)
         _number(g, "--shared-dim", COUNT, help="adapter output dim (default: min(image dim, text dim))")
     if score:
         g = p.add_argument_group("scores")
@@ -114,15 +118,16 @@ def _method_args(p, adapt=True, score=True, select=True):
         _number(g, "--reference-threshold", COUNT,
                 help="classes above this size measure SDS against a random reference sample")
         _number(g, "--reference-size", dict(lo=2, integer=True), default=4096)
-        g.add_argument("--alpha", default="code", help="diversity weight: code (0.1), paper (= ratio), or a number")
+        g.add_argument("--alpha", default=SelectionConfig.alpha,
+                       help="diversity weight: code (0.1), paper (= ratio), or a number")
     if select:
         g = p.add_argument_group("selection")
         _number(g, "--ratio", FRACTION, help="fraction of the samples to keep, in (0, 1]")
         g.add_argument("--balance", default="class", choices=["class", "global"],
                        help="class: each class keeps round(ratio * n_c); global: the paper's top-k overall")
-        _number(g, "--beta", dict(lo=0), default=2.0, help="weight of the count constraint")
-        _number(g, "--max-steps", NATURAL, default=100_000, help="optimiser steps at most")
-        g.add_argument("--loop", default="band", choices=["band", "full"],
+        _number(g, "--beta", dict(lo=0), default=SelectionConfig.beta, help="weight of the count constraint")
+        _number(g, "--max-steps", NATURAL, default=SelectionConfig.max_steps, help="optimiser steps at most")
+        g.add_argument("--loop", default=SelectionConfig.loop, choices=["band", "full"],
                        help="band: the optimiser on the samples around rank k (same result, far less work); "
                             "full: on every sample")
     _number(p, "--seed", NATURAL, default=0)
@@ -210,7 +215,7 @@ def _adapter_config(args):
     if args.adapter == "none":
         return None
     return AdaptConfig(loss=args.adapter_loss, kind=args.adapter, shared_dim=args.shared_dim,
-                       epochs=args.adapter_epochs, lr=args.adapter_lr, batch_size=args.adapter_batch, seed=args.seed)
+                       epochs=args.adapter_epochs, lr=args.adapter_lr, batch_size=args.adapter_batch)
 
 
 def _alpha(value):
@@ -223,19 +228,19 @@ def _alpha(value):
 
 
 def _select_options(args) -> dict:
-    from clipsel_jax.selection import SelectionConfig
-
     from clipsel_jax.scores import diversity_settings
+    from clipsel_jax.selection import SelectionConfig
 
     if args.ratio is None:
         raise UsageError("--ratio is required (the fraction to keep, e.g. 0.3), or set ratio in a --config")
     # Every setting (a config's values too, which argparse does not type-check) is checked before any embedding.
     checks.number("--ratio", args.ratio, lo=0, hi=1, lo_open=True)
     diversity_settings(args.k_neighbors, args.k_fraction, args.reference_threshold, args.reference_size)
-    return dict(adapter=_adapter_config(args), balance=args.balance, alpha=_alpha(args.alpha),
-                beta=checks.number("--beta", args.beta, lo=0), k_neighbors=args.k_neighbors, k_fraction=args.k_fraction,
-                reference_threshold=args.reference_threshold, reference_size=args.reference_size,
-                selection=SelectionConfig(max_steps=args.max_steps, loop=args.loop))
+    return dict(adapter=_adapter_config(args), balance=args.balance, k_neighbors=args.k_neighbors,
+                k_fraction=args.k_fraction, reference_threshold=args.reference_threshold,
+                reference_size=args.reference_size,
+                selection=SelectionConfig(alpha=_alpha(args.alpha), beta=args.beta, max_steps=args.max_steps,
+                                          loop=args.loop))
 
 
 def _load_embeddings(path, what="--embeddings"):
@@ -266,10 +271,7 @@ def _primary() -> bool:
 
 
 def cmd_select(args) -> int:
-    import numpy as np
-
-    from clipsel_jax.pipeline import select, select_from_embeddings
-    from clipsel_jax.report import write_outputs, write_report
+    from clipsel_jax.pipeline import select, select_from_embeddings, write_selection
 
     options = _select_options(args)
     workdir = Path(args.workdir)
@@ -277,17 +279,11 @@ def cmd_select(args) -> int:
     if args.embeddings:  # a selection from precomputed embeddings; --data (optional) only for the report's images
         e = _load_embeddings(args.embeddings)
         source = _source(args, required=False)
-        sel = select_from_embeddings(e.image_emb, e.labels, e.text_emb, args.ratio, args.seed, workdir=workdir,
-                                     progress=not args.quiet, **options)
-        sel.meta.update({"unreadable": e.unreadable, "class_names": e.class_names, "prompts": e.prompts,
-                         "embeddings": str(args.embeddings)})
-        if source is not None:
-            sel.meta["data_spec"] = _data_spec(args)
-        if _primary():
-            write_outputs(workdir, sel, e.ids, e.labels, e.class_names, source)
-            if not args.no_report:
-                write_report(workdir, source)
-        ids = e.ids
+        sel = select_from_embeddings(e.image_emb, e.labels, e.text_emb, args.ratio, args.seed, ids=e.ids,
+                                     workdir=workdir, progress=not args.quiet, **options)
+        meta = {"unreadable": e.unreadable, "class_names": e.class_names, "prompts": e.prompts,
+                "embeddings": str(args.embeddings), **({"data_spec": _data_spec(args)} if source is not None else {})}
+        write_selection(workdir, sel, e.labels, e.class_names, source, report=not args.no_report, meta=meta)
     else:
         source = _source(args)
         _say(args, f"source: {len(source)} images in {len(source.class_names)} classes from {args.data}")
@@ -298,7 +294,6 @@ def cmd_select(args) -> int:
         sel = select(source, args.ratio, enc, workdir, args.seed, prompts=args.prompt,
                      embed_options={"batch_size": args.batch_size, "workers": args.workers, "limit": args.limit},
                      progress=not args.quiet, report=not args.no_report, data_spec=_data_spec(args), **options)
-        ids = np.asarray(sel.meta["ids"])
     summary = {"workdir": str(workdir), "samples": int(len(sel.mask)), "kept": int(len(sel.indices)),
                "unreadable": len(sel.meta.get("unreadable") or []),
                "label_disagrees_with_preferred": sel.meta["label_disagrees_with_preferred"],
@@ -306,7 +301,7 @@ def cmd_select(args) -> int:
     if args.data == DEMO and not args.embeddings:
         from clipsel_jax.data import demo_mislabeled
 
-        wrong = demo_mislabeled(source)[ids]
+        wrong = demo_mislabeled(source)[sel.ids]
         summary["demo_mislabeled_kept"] = f"{int(wrong[sel.indices].sum())} of {int(wrong.sum())}"
     if _primary():
         print(json.dumps(summary))
@@ -341,24 +336,23 @@ def cmd_embed(args) -> int:
 def cmd_adapt(args) -> int:
     import dataclasses
 
-    from clipsel_jax.adapt import apply_adapters, train_adapters
+    from clipsel_jax.adapt import adapt
 
-    e = _load_embeddings(args.embeddings)
     cfg = _adapter_config(args)
     if cfg is None or cfg.epochs < 1:
         raise UsageError("clipsel adapt trains adapters: give --adapter linear|mlp and --adapter-epochs >= 1")
+    e = _load_embeddings(args.embeddings)
     t0 = time.perf_counter()
-    adapters, history = train_adapters(e.image_emb, e.labels, e.text_emb, cfg, workdir=args.workdir,
-                                       progress=not args.quiet)
-    u, v = apply_adapters(adapters, e.image_emb, e.text_emb)
+    a = adapt(e.image_emb, e.labels, e.text_emb, cfg, seed=args.seed, workdir=args.workdir, progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.workdir) / "adapted.npz"
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)
-        dataclasses.replace(e, image_emb=u, text_emb=v).save(out)
+        dataclasses.replace(e, image_emb=a.image, text_emb=a.text).save(out)
+        loss = a.history["loss"]
         print(json.dumps({"out": str(out), "checkpoints": str(Path(args.workdir) / "adapters"),
-                          "shared_dim": int(u.shape[1]), "epochs": len(history["loss"]),
-                          "resumed_from": history.get("resumed_from"),
-                          "final_loss": round(float(history["loss"][-1]), 5) if history["loss"] else None,
+                          "shared_dim": int(a.image.shape[1]), "epochs": len(loss),
+                          "resumed_from": a.history.get("resumed_from"),
+                          "final_loss": round(float(loss[-1]), 5) if loss else None,
                           "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
@@ -368,35 +362,36 @@ def cmd_score(args) -> int:
 
     import numpy as np
 
-    from clipsel_jax.pipeline import alpha_value, score_samples
-    from clipsel_jax.scores import diversity_settings
+    from clipsel_jax.scores import diversity_settings, score_samples
+    from clipsel_jax.selection import SelectionConfig
 
     alpha = _alpha(args.alpha)
     if alpha == "paper" and args.ratio is None:
         raise UsageError("--alpha paper sets alpha to the keep ratio: give --ratio too (or --alpha code / a number)")
-    a = alpha_value(alpha, args.ratio)
+    a = SelectionConfig(alpha=alpha).alpha_for(args.ratio)
     diversity_settings(args.k_neighbors, args.k_fraction, args.reference_threshold, args.reference_size)
     e = _load_embeddings(args.embeddings)
     if e.image_emb.shape[1] != e.text_emb.shape[1]:
         raise UsageError(f"image dim {e.image_emb.shape[1]} != text dim {e.text_emb.shape[1]}: these embeddings are "
                          "not aligned; run `clipsel adapt` first and score its output")
     t0 = time.perf_counter()
-    sas, sds, c, pref, div = score_samples(e.image_emb, e.text_emb, e.labels, a, k=args.k_neighbors,
-                                           k_fraction=args.k_fraction, reference_threshold=args.reference_threshold,
-                                           reference_size=args.reference_size, seed=args.seed)
+    sc = score_samples(e.image_emb, e.text_emb, e.labels, a, k=args.k_neighbors, k_fraction=args.k_fraction,
+                       reference_threshold=args.reference_threshold, reference_size=args.reference_size,
+                       seed=args.seed)
     out = Path(args.out)
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sas, sds=sds, combined=c,
-                 preferred_class=pref, sds_k=div.k)
+        np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sc.sas, sds=sc.sds, combined=sc.combined,
+                 preferred_class=sc.preferred_class, sds_k=sc.diversity.k)
         with open(out, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "label", "class_name", "preferred_class", "sas", "sds", "combined"])
             for i in range(len(e.ids)):
-                w.writerow([int(e.ids[i]), int(e.labels[i]), e.class_names[e.labels[i]], e.class_names[pref[i]],
-                            f"{sas[i]:.6f}", f"{sds[i]:.6f}", f"{c[i]:.6f}"])
+                w.writerow([int(e.ids[i]), int(e.labels[i]), e.class_names[e.labels[i]],
+                            e.class_names[sc.preferred_class[i]], f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}",
+                            f"{sc.combined[i]:.6f}"])
         print(json.dumps({"out": str(out), "npz": str(out.with_suffix(".npz")), "samples": int(len(e.ids)),
-                          "alpha": a, "label_disagrees_with_preferred": int((pref != e.labels).sum()),
+                          "alpha": a, "label_disagrees_with_preferred": int((sc.preferred_class != e.labels).sum()),
                           "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
@@ -557,7 +552,7 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clipsel_jax.weights import CheckpointError
+    from clipsel_jax.errors import CheckpointError
     from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
 
     argv = sys.argv[1:] if argv is None else argv

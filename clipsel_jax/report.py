@@ -1,4 +1,4 @@
-"""What a run leaves for people and for other programs (ARCHITECTURE.md, "Outputs of a run"):
+"""What a run leaves for people and for other programs (README.md, "Outputs of a run"):
 
 - ``selection.npz``: indices (kept, sorted), mask, ids, labels, kept_ids, preferred_class and the scores;
 - ``scores.csv``: one row per sample: id, path, label, class, preferred class, SAS, SDS, combined, kept, rank;
@@ -44,7 +44,7 @@ def write_outputs(workdir, sel, ids, labels, class_names, source=None, extra_met
             w.writerow([int(ids[i]), paths[i], int(labels[i]), class_names[labels[i]], class_names[preferred[i]],
                         f"{sel.scores['sas'][i]:.6f}", f"{sel.scores['sds'][i]:.6f}",
                         f"{sel.scores['combined'][i]:.6f}", int(sel.mask[i]), int(rank[i])])
-    meta = {k: v for k, v in sel.meta.items() if k != "ids"}
+    meta = dict(sel.meta)
     meta.update(extra_meta or {})
     (workdir / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
     return {"selection": workdir / "selection.npz", "scores": workdir / "scores.csv", "meta": workdir / "meta.json"}

@@ -1,4 +1,4 @@
-"""Sample scores of the method (METHOD.md section 2).
+"""Sample scores of the method (docs/method.md, "Sample scores").
 
 Semantic Alignment Score  SAS_i = cos(u_i, v_{y_i}): does the (adapted) image match its label's (adapted) prompt?
 Sample Diversity Score    SDS_i = mean Euclidean distance from u_i to its K nearest neighbours of the same class,
@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from clipsel_jax import checks, parallel
+
+SQRT_2PI = math.sqrt(2 * math.pi)  # the normal density's normaliser: pdf(z) = exp(-z^2 / 2) / sqrt(2 pi)
 
 
 def l2_normalize(x, axis=-1):
@@ -65,7 +67,7 @@ def _rows_by_chunks(fn, rows: tuple, extra: tuple, out, chunk: int, mesh):
 
 
 def semantic_alignment(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
-                       chunk: int = 65536, mesh=None) -> np.ndarray:
+                       chunk: int = checks.ROW_CHUNK, mesh=None) -> np.ndarray:
     """SAS: cosine between each sample's image feature and its label's prompt feature. float32 (N,)."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
     out = np.empty(len(image_feats), np.float32)
@@ -77,7 +79,8 @@ def _cosine_to_label(img, labels, txt):
     return jnp.sum(l2_normalize(img) * txt[labels], axis=-1)
 
 
-def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = 65536, mesh=None) -> np.ndarray:
+def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = checks.ROW_CHUNK,
+                    mesh=None) -> np.ndarray:
     """The class whose prompt each image is closest to (cosine), int64 (N,). Where it differs from the label,
     the sample is a candidate mislabel: the report shows both."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
@@ -91,7 +94,7 @@ def _closest_prompt(img, txt):
 
 
 def alignment_and_preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
-                                  chunk: int = 65536, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+                                  chunk: int = checks.ROW_CHUNK, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """(SAS, preferred class) in one pass over the features: semantic_alignment and preferred_class together
     (each reads all N rows; at 1.28M x 512 a pass costs seconds on a CPU)."""
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
@@ -115,10 +118,6 @@ class DiversityInfo:
     k: np.ndarray  # K used per class
     k_requested: np.ndarray  # K asked for per class (before shrinking to class size - 1)
     reference_size: np.ndarray  # keys per class (class size, or the reference sample size)
-
-
-def _round_up(n, m):
-    return -(-n // m) * m
 
 
 def _k_smallest_bracket(values, k, max_steps):
@@ -155,7 +154,7 @@ def _k_smallest_bracket(values, k, max_steps):
     std = jnp.sqrt(jnp.maximum(jnp.sum(fv * fv, axis=1) / n - mean * mean, 0.0))
     z = jax.scipy.special.ndtri(jnp.clip(target / n, 1e-6, 1 - 1e-6))
     guess = mean + std * z
-    slope = n * jnp.exp(-0.5 * z * z) / (std * 2.5066283)  # d count / dt of the normal fit at the guess
+    slope = n * jnp.exp(-0.5 * z * z) / (std * SQRT_2PI)  # d count / dt of the normal fit at the guess
     lo = as_bits(jnp.min(values, axis=1)) - 1  # c(lo) = 0 (bits -1: below every non-negative float)
     hi = as_bits(jnp.max(fv, axis=1))  # c(hi) = n >= k
 
@@ -249,8 +248,9 @@ def _knn_mean_distance(queries, query_ids, keys, key_ids, k, *, query_tile, mesh
 def _gather_rows(feats: np.ndarray, idx: np.ndarray, rows: int) -> np.ndarray:
     """float32 (rows, D): feats[idx] then zero rows, written in one copy (a class of 128k x 512 is 256 MB)."""
     out = np.empty((rows, feats.shape[1]), np.float32)
-    for i in range(0, len(idx), 65536):  # in slices: a float16 source is cast a slice at a time
-        out[i:i + 65536][: len(idx[i:i + 65536])] = feats[idx[i:i + 65536]]
+    step = checks.ROW_CHUNK  # in slices: a float16 source is cast a slice at a time
+    for i in range(0, len(idx), step):
+        out[i:i + step][: len(idx[i:i + step])] = feats[idx[i:i + step]]
     out[len(idx):] = 0
     return out
 
@@ -313,15 +313,16 @@ def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
         # Key counts are rounded up (to a power of two below 256, else a multiple of 256) so that classes of
         # similar size share one compiled program; the query tile shrinks for large key sets so that a tile of
         # distances stays under max_tile_elements.
-        n_k = max(8, 1 << (len(key_idx) - 1).bit_length()) if len(key_idx) < 256 else _round_up(len(key_idx), 256)
+        n_k = (max(8, 1 << (len(key_idx) - 1).bit_length()) if len(key_idx) < 256
+               else parallel.round_up(len(key_idx), 256))
         q_tile = min(query_tile, max(8, 1 << (n_c - 1).bit_length()),
                      max(1, 1 << (max_tile_elements // n_k).bit_length() - 1))
         if spread and n_c * 2 * n_dev <= len(feats):
             device = min(load, key=load.get)
             load[device] += n_c * n_k
-            run_mesh, n_q = one_device_meshes[device], _round_up(n_c, q_tile)
+            run_mesh, n_q = one_device_meshes[device], parallel.round_up(n_c, q_tile)
         else:
-            run_mesh, n_q = mesh, _round_up(n_c, q_tile * n_dev)
+            run_mesh, n_q = mesh, parallel.round_up(n_c, q_tile * n_dev)
         queries = _gather_rows(feats, members, n_q)
         qid = np.full(n_q, -2, np.int32)
         qid[:n_c] = members
@@ -348,3 +349,48 @@ def minmax(x: np.ndarray) -> np.ndarray:
     if hi - lo < 1e-12:
         return np.zeros_like(x, dtype=np.float32)
     return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scoring stage
+
+
+def combined_score(sas, sds, alpha):
+    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised).
+    A score that is constant over the data set (normalised to all zeros) contributes nothing."""
+    def term(x):
+        m = jnp.mean(x)
+        return jnp.where(m > 0, x / jnp.where(m > 0, m, 1.0), 0.0)
+
+    return term(sas) + alpha * term(sds)
+
+
+@dataclass
+class Scores:
+    """The scoring stage's output, one entry per sample (N,) unless said."""
+
+    sas: np.ndarray  # float32: cosine of the image and its label's prompt (higher = better aligned)
+    sds: np.ndarray  # float32: mean distance to the K nearest same-class neighbours (higher = more diverse)
+    combined: np.ndarray  # float32: c = SAS / mean(SAS) + alpha * SDS / mean(SDS), min-max normalised scores
+    preferred_class: np.ndarray  # int64: the class whose prompt the image is closest to
+    diversity: DiversityInfo  # K and reference size per class (C,)
+
+
+def score_samples(u, v, labels, alpha: float, *, k: int | None = None, k_fraction: float = 0.1,
+                  reference_threshold: int | None = None, reference_size: int = 4096, seed: int = 0,
+                  mesh=None) -> Scores:
+    """SAS, SDS, the combined score and the preferred class of aligned features.
+
+    u: float (N, D) image features; v: float (C, D) class prompt features in the same space (adapted, or CLIP's
+    own); labels: int (N,) in 0..C-1; alpha: the diversity weight (a number; see pipeline.alpha_value for the
+    rules); k, k_fraction, reference_threshold, reference_size: SDS's neighbours (see sample_diversity); seed: the
+    reference samples of large classes. Raises StageOutputError if any score is NaN or inf."""
+    sas, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh)
+    sds, div = sample_diversity(u, labels, len(v), k_fraction=k_fraction, k=k,
+                                reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
+                                mesh=mesh)
+    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), alpha))
+    for name, x in (("SAS", sas), ("SDS", sds), ("the combined score", c)):
+        checks.finite_output("scoring", name, x, "features too large for float32 distances (rescale the embeddings), "
+                                                 "or NaN/inf in features given without adapters")
+    return Scores(sas.astype(np.float32), sds.astype(np.float32), c.astype(np.float32), preferred, div)

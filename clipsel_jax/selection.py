@@ -1,4 +1,5 @@
-"""Selection optimisation (METHOD.md section 3): a keep-mask learned with a straight-through estimator.
+"""Selection optimisation (docs/method.md, "Selection optimisation"): a keep-mask learned with a straight-through
+estimator.
 
 One real parameter d_i per sample; selection probability s_i = sigmoid(T d_i); hard mask b_i = [s_i > 0.5] whose
 gradient passes straight through to s_i. Loss (the authors' code, scores min-max normalised):
@@ -21,15 +22,20 @@ premise fails (d out of c's order in the band, or d_0 <= 0) the full loop runs i
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipsel_jax import checks
+from clipsel_jax import checks, parallel
+from clipsel_jax.ckpt import Checkpointer
 
 
 @jax.custom_vjp
@@ -53,7 +59,7 @@ straight_through_mask.defvjp(_ste_fwd, _ste_bwd)
 class SelectionConfig:
     temperature: float = 100.0  # T in sigmoid(T d)
     init: float = 0.01  # d_0: every sample starts selected
-    alpha: float = 0.1  # weight of diversity; the paper's text uses alpha = ratio ("paper" rule)
+    alpha: float | str = "code"  # weight of diversity: "code" (0.1, the authors' code), "paper" (= ratio), a number
     beta: float = 2.0  # weight of the count constraint
     lr: float = 1e-3
     momentum: float = 0.9
@@ -62,31 +68,35 @@ class SelectionConfig:
     loop: str = "band"  # "band": the optimiser on the samples around rank k of c (exact; see above); "full": all N
     band_margin: int = 128  # samples the band extends past the tolerance window on either side
 
+    def alpha_for(self, ratio: float) -> float:
+        """The diversity weight alpha at this keep ratio."""
+        if self.alpha == "code":
+            return 0.1
+        return float(ratio) if self.alpha == "paper" else self.alpha
+
+    def tolerance_for(self, n: int) -> float:
+        """The stopping window: the loop stops when |sum(b) - k| < this (default N / 2000, the authors' rule)."""
+        return self.tolerance if self.tolerance is not None else n / 2000
+
     def __post_init__(self):
         if self.loop not in ("band", "full"):
             raise ValueError(f"SelectionConfig.loop must be 'band' or 'full', got {self.loop!r}")
+        if isinstance(self.alpha, str) and self.alpha not in ("code", "paper"):
+            raise ValueError(f"alpha must be 'code' (0.1), 'paper' (= ratio) or a number >= 0, got {self.alpha!r}")
         # band_margin >= 0: the band must cover the tolerance window around k (see decisive_band).
-        bounds = {"temperature": dict(lo=0, lo_open=True), "init": {}, "alpha": dict(lo=0), "beta": dict(lo=0),
+        bounds = {"temperature": dict(lo=0, lo_open=True), "init": {}, "beta": dict(lo=0),
                   "lr": dict(lo=0, lo_open=True), "momentum": dict(lo=0, hi=1, hi_open=True),
                   "max_steps": dict(lo=0, integer=True), "band_margin": dict(lo=0, integer=True)}
         for name, b in bounds.items():  # frozen: checked values are written back (numpy scalars become Python's)
             object.__setattr__(self, name, checks.number(f"SelectionConfig.{name}", getattr(self, name), **b))
+        if not isinstance(self.alpha, str):
+            object.__setattr__(self, "alpha", checks.number("alpha", self.alpha, lo=0))
         object.__setattr__(self, "tolerance", checks.optional_number("SelectionConfig.tolerance", self.tolerance,
                                                                      lo=0))
 
 
-def combined_score(sas, sds, alpha):
-    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised).
-    A score that is constant over the data set (normalised to all zeros) contributes nothing."""
-    def term(x):
-        m = jnp.mean(x)
-        return jnp.where(m > 0, x / jnp.where(m > 0, m, 1.0), 0.0)
-
-    return term(sas) + alpha * term(sds)
-
-
 def selection_loss(d, c, valid, k, n, beta, temperature):
-    """The loss of the authors' code, with the two score terms folded into c = combined_score(...):
+    """The loss of the authors' code, with the two score terms folded into c = scores.combined_score(...):
     -mean(s * SAS/mean(SAS)) - alpha * mean(s * SDS/mean(SDS)) == -mean(s * c).
 
     `valid` masks padding (arrays are padded to a multiple of the device count); padded entries get no gradient and
@@ -112,16 +122,24 @@ def _optimizer(cfg: SelectionConfig):
     return optax.sgd(cfg.lr, momentum=cfg.momentum)
 
 
-def init_state(c, cfg: SelectionConfig, n: int):
-    """(step, d, optimiser state, count of the current mask): every sample starts at d = init (selected)."""
+class LoopState(NamedTuple):
+    """The optimiser loop's carry (and what a checkpoint holds)."""
+
+    step: jax.Array  # int32: steps taken
+    d: jax.Array  # float32 (m,): one parameter per sample optimised
+    opt_state: optax.OptState  # SGD momentum
+    count: jax.Array  # float32: sum(b) of the current mask (for the band loop: with the samples above/below it)
+
+
+def init_state(c, cfg: SelectionConfig, n: int) -> LoopState:
+    """Every sample starts at d = init (init > 0: selected, so the count starts at n)."""
     d0 = jnp.full_like(c, cfg.init)
-    return jnp.int32(0), d0, _optimizer(cfg).init(d0), jnp.float32(n if cfg.init > 0 else 0)
+    return LoopState(jnp.int32(0), d0, _optimizer(cfg).init(d0), jnp.float32(n if cfg.init > 0 else 0))
 
 
 def loop_done(step, count, k, cfg: SelectionConfig, n: int) -> bool:
     """The loop's stopping test, on the host (the while_loop's cond, negated)."""
-    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
-    return step >= cfg.max_steps or abs(count - k) < tol
+    return step >= cfg.max_steps or abs(count - k) < cfg.tolerance_for(n)
 
 
 @partial(jax.jit, static_argnames=("cfg", "n", "n_valid", "band_size"))
@@ -137,7 +155,7 @@ def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int, n_valid
     past band_size are passengers: optimised, not counted.
     """
     n_valid = n if n_valid is None else n_valid
-    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
+    tol = cfg.tolerance_for(n)
     tx = _optimizer(cfg)
     grad_fn = jax.grad(selection_loss_given_count)
 
@@ -147,27 +165,25 @@ def optimise_chunk(state, c, k, stop_step, cfg: SelectionConfig, n: int, n_valid
         counted = jax.lax.iota(jnp.int32, c.shape[0]) < band_size
         return above * (d[0] > 0) + jnp.sum((d > 0) * counted) + below * (d[band_size - 1] > 0)
 
-    def cond(state):
-        step, _, _, count = state
-        return (step < stop_step) & (jnp.abs(count - k) >= tol)
+    def cond(state: LoopState):
+        return (state.step < stop_step) & (jnp.abs(state.count - k) >= tol)
 
-    def body(state):
-        step, d, opt_state, count = state
+    def body(state: LoopState):
         # Built inside the body from an iota, the padding mask fuses into the step instead of being read from memory.
         valid = (jax.lax.iota(jnp.int32, c.shape[0]) < n_valid).astype(c.dtype)
-        g = grad_fn(d, c, valid, k, n, cfg.beta, cfg.temperature, count)
-        updates, opt_state = tx.update(g, opt_state, d)
-        d = optax.apply_updates(d, updates)
-        return step + 1, d, opt_state, count_of(d, valid)
+        g = grad_fn(state.d, c, valid, k, n, cfg.beta, cfg.temperature, state.count)
+        updates, opt_state = tx.update(g, state.opt_state, state.d)
+        d = optax.apply_updates(state.d, updates)
+        return LoopState(state.step + 1, d, opt_state, count_of(d, valid))
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, LoopState(*state))
 
 
 def optimise_keep_scores(c, k: int, cfg: SelectionConfig = SelectionConfig()):
     """The full loop (every sample's d) in one jitted while_loop: returns (d, steps, count at stop)."""
     n = c.shape[0]
-    step, d, _, count = optimise_chunk(init_state(c, cfg, n), c, jnp.float32(k), jnp.int32(cfg.max_steps), cfg, n)
-    return d, step, count
+    state = optimise_chunk(init_state(c, cfg, n), c, jnp.float32(k), jnp.int32(cfg.max_steps), cfg, n)
+    return state.d, state.step, state.count
 
 
 def decisive_band(c: np.ndarray, k: int, cfg: SelectionConfig):
@@ -177,7 +193,7 @@ def decisive_band(c: np.ndarray, k: int, cfg: SelectionConfig):
     n = len(c)
     if cfg.init <= 0:
         return None
-    tol = cfg.tolerance if cfg.tolerance is not None else n / 2000
+    tol = cfg.tolerance_for(n)
     order = np.lexsort((np.arange(n), -c))
     # lo <= k - tol: while the band's first sample is unselected the count (<= lo) is below the window.
     lo = max(0, int(np.floor(k - tol)) - cfg.band_margin)
@@ -195,7 +211,7 @@ def band_with_passengers(c_band, passengers, k: int, steps: int, cfg: SelectionC
     m = len(c_band)
     state = optimise_chunk(init_state(c, cfg, n), c, jnp.float32(k), jnp.int32(steps), cfg, n, c.shape[0], m,
                            jnp.float32(above), jnp.float32(below))
-    d = np.asarray(state[1])
+    d = np.asarray(state.d)
     return d[:m], d[m:]
 
 
@@ -270,3 +286,104 @@ def rank_and_take(d: np.ndarray, tiebreak: np.ndarray, k: int, labels: np.ndarra
     rank_in_class = np.empty(n, np.int64)
     rank_in_class[by_class] = np.arange(n) - starts[ranked_labels[by_class]]
     return np.sort(order[rank_in_class < quota[ranked_labels]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop, resumable: the band loop where its premise holds, else the loop over every sample
+
+
+class Optimised(NamedTuple):
+    """What the selection loop ends with."""
+
+    key: np.ndarray  # float32 (N,): ranks the samples as the full loop's final d does (rank_and_take takes the top)
+    steps: int  # optimiser steps taken
+    count: float  # sum(b) at the stop
+    how: dict  # {"loop": "band", "band": [lo, hi]} or {"loop": "full", "why": the reason the band loop did not run}
+
+
+def _fingerprint(c: np.ndarray, k: int) -> str:
+    return hashlib.sha256(np.ascontiguousarray(c, np.float32).tobytes() + str(k).encode()).hexdigest()[:16]
+
+
+def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), mesh=None,
+             workdir: str | Path | None = None, chunk_steps: int = 20_000) -> Optimised:
+    """Optimise the keep-mask for the combined scores c (float32 (N,)) and target count k.
+
+    cfg.loop == "band" (default) runs the optimiser on the decisive band around rank k (exact: the same steps, count
+    and selection as the full loop; see the module docstring), falling back to the loop over every sample where its
+    premise fails; "full" always runs that. mesh: devices for the full loop (N split over them). workdir: the loop's
+    state is checkpointed (orbax) every `chunk_steps` steps under workdir/selection_band or workdir/selection, and a
+    rerun with the same c, k and cfg resumes from it; state from other inputs is removed, never resumed.
+    """
+    c = np.asarray(c, np.float32)
+    n = len(c)
+    mesh = mesh or parallel.data_mesh()
+    workdir = Path(workdir) if workdir is not None else None
+    settings = {**dataclasses.asdict(cfg), "fingerprint": _fingerprint(c, k)}
+    band = decisive_band(c, k, cfg) if cfg.loop == "band" else None
+    if band is not None:
+        order, lo, hi = band
+        c_band = c[order[lo:hi]]
+        d_band, steps, count = _run_loop(c_band, k, cfg, n, mesh, workdir and workdir / "selection_band",
+                                         chunk_steps, {**settings, "band": [lo, hi]}, band=(lo, n - hi))
+        fallback = band_failure(d_band)
+        if fallback is None and (d_band[-1] > 0 or d_band[0] <= 0):
+            # Stopped at max_steps with the count outside the band's range: count the selected samples past the
+            # band's end (all of the band selected) or before its start (none of it selected).
+            def d_of(passengers):
+                d_rerun, d_pass = band_with_passengers(c_band, passengers, k, steps, cfg, n, lo, n - hi)
+                if not np.array_equal(d_rerun, d_band):
+                    raise RuntimeError("the band loop did not repeat itself bit for bit; rerun with loop='full' "
+                                       "(--loop full) and report this")
+                return d_pass
+
+            past = selected_prefix(c[order[hi:]], d_of) if d_band[-1] > 0 else selected_prefix(c[order[:lo]], d_of)
+            fallback = "d out of the order of c outside the band" if past is None else None
+            count = hi + (past or 0) if d_band[-1] > 0 else (past or 0)
+        if fallback is None:
+            return Optimised(ranking_key(d_band, order, lo, hi), steps, float(count),
+                             {"loop": "band", "band": [lo, hi]})
+    else:
+        fallback = "loop='full'" if cfg.loop == "full" else "init <= 0: the band loop does not apply"
+    d, steps, count = _run_loop(c, k, cfg, n, mesh, workdir and workdir / "selection", chunk_steps, settings)
+    return Optimised(d, steps, count, {"loop": "full", "why": fallback})
+
+
+def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_dir: Path | None, chunk_steps: int,
+              settings: dict, band: tuple[int, int] | None = None):
+    """Run optimise_chunk in chunks of steps over c (all n samples, or the band with `band` = (samples above it,
+    samples below it)), checkpointing the LoopState after each chunk; a rerun resumes from the checkpoint.
+    All n samples are split over the mesh; the band (a few thousand) is replicated. Returns (d, steps, count)."""
+    m = len(c)
+    m_pad = m if band is not None else parallel.round_up(m, mesh.devices.size)
+    sharding = parallel.replicated(mesh) if band is not None else parallel.batch_sharding(mesh)
+    c_pad = np.zeros(m_pad, np.float32)  # entries past m are padding, masked inside the loss
+    c_pad[:m] = c
+    c_dev = jax.device_put(c_pad, sharding)
+    state = init_state(c_dev, cfg, n)
+    ckpt = None
+    rep = parallel.replicated(mesh)
+
+    def unpadded(state: LoopState) -> dict:  # checkpoints hold the m real samples: a run resumes on any device count
+        return jax.tree.map(lambda a: jax.device_put(a[:m], rep) if np.ndim(a) else a, state._asdict())
+
+    if ckpt_dir is not None:
+        ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
+        if ckpt.latest_step() is not None:
+            if ckpt.restore_meta().get("settings") == settings:
+                restored, _ = ckpt.restore(like=unpadded(state))
+                state = LoopState(**jax.tree.map(
+                    lambda a: jax.device_put(np.pad(np.asarray(a), (0, m_pad - m)), sharding) if np.ndim(a)
+                    else jax.device_put(np.asarray(a), rep), restored))
+            else:  # another run's state (other scores or settings): removed, never resumed or mixed in
+                ckpt.clear()
+    above, below = band or (0, 0)
+    while not loop_done(int(state.step), float(state.count), k, cfg, n):
+        stop = jnp.int32(min(cfg.max_steps, int(state.step) + chunk_steps))
+        state = optimise_chunk(state, c_dev, jnp.float32(k), stop, cfg, n, m, m if band else None,
+                               jnp.float32(above), jnp.float32(below))
+        if ckpt is not None:
+            ckpt.save(int(state.step), unpadded(state), {"settings": settings, "step": int(state.step)})
+    if ckpt is not None:
+        ckpt.close()
+    return parallel.to_host(state.d)[:m], int(state.step), float(state.count)

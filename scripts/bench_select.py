@@ -88,13 +88,12 @@ def run_case(n: int, classes: int, dim: int, ratio: float, torch_cap: float, ref
     if full_loop:  # our loop over all N parameters, like for like with PyTorch's; it must select the same samples
         import numpy as np
 
-        from clipsel_jax import parallel, pipeline
-        from clipsel_jax.selection import SelectionConfig, rank_and_take
+        from clipsel_jax import parallel
+        from clipsel_jax.selection import SelectionConfig, optimise, rank_and_take
 
         c, k = sel.scores["combined"], round(ratio * n)
         t0 = time.perf_counter()
-        d, steps, count, _ = pipeline._optimise(c, k, SelectionConfig(loop="full"), parallel.data_mesh(), None,
-                                                100_000, 0)
+        d, steps, count, _ = optimise(c, k, SelectionConfig(loop="full"), parallel.data_mesh())
         keep = rank_and_take(d, c, k)
         res.update({"full_loop_s": round(time.perf_counter() - t0, 2), "full_loop_steps": steps,
                     "full_loop_same_result": bool(steps == res["ours_steps"] and count == res["ours_count"]

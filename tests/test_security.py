@@ -30,7 +30,7 @@ from flax import nnx
 from PIL import Image
 
 import clipsel_jax as cs
-from clipsel_jax import pipeline, torchfile
+from clipsel_jax import selection, torchfile
 from clipsel_jax.adapt import AdaptConfig, train_adapters
 from clipsel_jax.checks import StageOutputError
 from clipsel_jax.ckpt import CHECKSUMS, Checkpointer
@@ -969,6 +969,7 @@ def answer(stdout) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_all_processes_of_a_multi_process_run_agree(tmp_path):
     """Process 0 holds the lock for the run; when it is refused, every process is refused (rather than the others
     running on into a collective that never completes), and when it waits, they all wait."""
@@ -1063,7 +1064,7 @@ def test_damaged_selection_checkpoint_is_recomputed(tmp_path, monkeypatch, loop)
     options = dict(adapter=None, selection=cs.SelectionConfig(loop=loop), chunk_steps=40)
     ref = cs.select_from_embeddings(x, y, text, 0.3, **options)
     calls = {"n": 0}
-    real = pipeline.optimise_chunk
+    real = selection.optimise_chunk
 
     def dying(*args, **kw):
         calls["n"] += 1
@@ -1071,7 +1072,7 @@ def test_damaged_selection_checkpoint_is_recomputed(tmp_path, monkeypatch, loop)
             raise KeyboardInterrupt("killed")
         return real(*args, **kw)
 
-    monkeypatch.setattr(pipeline, "optimise_chunk", dying)
+    monkeypatch.setattr(selection, "optimise_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
         cs.select_from_embeddings(x, y, text, 0.3, workdir=tmp_path, **options)
     (step,) = [p for p in (tmp_path / f"selection{'_band' if loop == 'band' else ''}").iterdir() if p.name.isdigit()]

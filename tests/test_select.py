@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import clipsel_jax as cs
-from clipsel_jax import parallel, pipeline
-from clipsel_jax.selection import (SelectionConfig, class_quotas, optimise_keep_scores, rank_and_take,
-                                straight_through_mask)
+from clipsel_jax import parallel, selection
+from clipsel_jax.selection import (SelectionConfig, class_quotas, optimise, optimise_keep_scores, rank_and_take,
+                                   straight_through_mask)
 
 
 def noisy_clusters(n_per=300, classes=10, dim=32, flip=0.2, seed=0, sizes=None):
@@ -73,8 +73,8 @@ def test_optimiser_mask_is_top_by_combined_score(ratio):
 
 def _both_loops(c, k, **cfg):
     mesh = parallel.data_mesh()
-    band = pipeline._optimise(c, k, SelectionConfig(**cfg), mesh, None, 100_000, 0)
-    full = pipeline._optimise(c, k, SelectionConfig(loop="full", **cfg), mesh, None, 100_000, 0)
+    band = optimise(c, k, SelectionConfig(**cfg), mesh)
+    full = optimise(c, k, SelectionConfig(loop="full", **cfg), mesh)
     return band, full
 
 
@@ -208,7 +208,7 @@ def test_selection_resumes_after_interruption(tmp_path, monkeypatch, resume_on, 
     ref = cs.select_from_embeddings(x, y, text, 0.3, **options)
     assert ref.meta["optimiser"]["loop"] == loop
     calls = {"n": 0}
-    real = pipeline.optimise_chunk
+    real = selection.optimise_chunk
 
     def dying(*args, **kw):
         calls["n"] += 1
@@ -216,7 +216,7 @@ def test_selection_resumes_after_interruption(tmp_path, monkeypatch, resume_on, 
             raise KeyboardInterrupt("killed")
         return real(*args, **kw)
 
-    monkeypatch.setattr(pipeline, "optimise_chunk", dying)
+    monkeypatch.setattr(selection, "optimise_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
         cs.select_from_embeddings(x, y, text, 0.3, workdir=tmp_path, chunk_steps=chunk, **options)
     calls["n"] = -1000
