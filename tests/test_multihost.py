@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import clipsel_jax as cs
 
@@ -29,6 +30,9 @@ def run_two(commands, envs=(None, None), timeout=300) -> list[str]:
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     return logs
+
+
+pytestmark = pytest.mark.slow  # two JAX processes each: ~100 s
 
 
 def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):

