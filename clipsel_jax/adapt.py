@@ -26,6 +26,7 @@ from clipsel_jax import checks, parallel
 from clipsel_jax.ckpt import Checkpointer
 from clipsel_jax.models.adapters import Adapters
 from clipsel_jax.scores import l2_normalize
+from clipsel_jax.workdir import RunDir, resume_state
 from clipsel_jax.workdir_lock import with_workdir_lock
 
 
@@ -117,13 +118,9 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     fingerprint = data_fingerprint(image_emb, labels, text_emb)
     settings = {**dataclasses.asdict(cfg), "fingerprint": fingerprint, "train_count": int(len(idx_all))}
     if workdir is not None and cfg.epochs > 0:
-        ckpt = Checkpointer(Path(workdir) / "adapters")
-        if ckpt.latest_step() is not None:
+        ckpt = Checkpointer(RunDir(workdir).adapters)
+        if resume_state(ckpt, settings, "adapters") is not None:
             state, meta = ckpt.restore(like={"params": params, "opt_state": opt_state})
-            if meta["settings"] != settings:
-                changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
-                raise ValueError(f"{ckpt.directory} holds adapters trained with other inputs or settings "
-                                 f"(differs in: {', '.join(changed)}); use another workdir or delete it")
             params, opt_state = state["params"], state["opt_state"]
             start_epoch = meta["epoch"]
             history = {"loss": list(meta["loss"]), "resumed_from": start_epoch}

@@ -31,6 +31,7 @@ from clipsel_jax.data.preprocess import resize_and_crop
 from clipsel_jax.data.sources import UnreadableImage, decode_record_image
 from clipsel_jax.hashing import file_sha256
 from clipsel_jax.text import DEFAULT_TEMPLATE, class_prompts
+from clipsel_jax.workdir import RunDir
 from clipsel_jax.workdir_lock import with_workdir_lock
 
 CACHE_FORMAT = 1
@@ -269,7 +270,7 @@ class EmbeddingCache:
     def __init__(self, workdir, identity: dict, num_samples: int, chunk_size: int):
         self.identity = {"format": CACHE_FORMAT, **identity, "num_samples": num_samples, "chunk_size": chunk_size}
         key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = Path(workdir) / "embeddings" / key
+        self.dir = RunDir(workdir).embeddings(key)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.dir / "manifest.json"
         self.chunks: dict[int, dict] = {}

@@ -26,6 +26,7 @@ from clipsel_jax.adapt import AdaptConfig, adapt
 from clipsel_jax.ckpt import Checkpointer
 from clipsel_jax.scores import diversity_settings, score_samples
 from clipsel_jax.selection import SelectionConfig, optimise, rank_and_take
+from clipsel_jax.workdir import RunDir
 from clipsel_jax.workdir_lock import with_workdir_lock
 
 
@@ -198,7 +199,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     result = Selection(keep.astype(np.int64), mask, {"sas": sc.sas, "sds": sc.sds, "combined": sc.combined}, meta,
                        sc.preferred_class, ids)
     if workdir is not None:
-        ck = Checkpointer(workdir / "selection_final", max_to_keep=1)
+        ck = Checkpointer(RunDir(workdir).selection_final, max_to_keep=1)
         ck.clear()  # the final selection of this run replaces any earlier one
         ck.save(0, {"indices": result.indices, "mask": mask, "d": opt.key, **result.scores}, meta)
         ck.close()

@@ -22,22 +22,24 @@ from pathlib import Path
 
 import numpy as np
 
+from clipsel_jax.workdir import RunDir
+
 GALLERY = 24  # thumbnails per gallery
 
 
 def write_outputs(workdir, sel, ids, labels, class_names, source=None, extra_meta: dict | None = None) -> dict:
     """selection.npz, scores.csv and meta.json under workdir; returns their paths by name."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    out = RunDir(workdir).outputs
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
     preferred = _preferred(sel, labels)
-    np.savez(workdir / "selection.npz", indices=sel.indices, mask=sel.mask, ids=ids, labels=labels,
+    np.savez(out["selection"], indices=sel.indices, mask=sel.mask, ids=ids, labels=labels,
              kept_ids=ids[sel.indices], preferred_class=preferred, **sel.scores)
     rank = np.empty(len(ids), np.int64)  # 1 = first kept: kept samples by combined score, then the dropped ones
     order = np.lexsort((-sel.scores["combined"], ~sel.mask))
     rank[order] = np.arange(1, len(ids) + 1)
     paths = _paths(source, ids)
-    with open(workdir / "scores.csv", "w", newline="") as f:
+    with open(out["scores"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "path", "label", "class_name", "preferred_class", "sas", "sds", "combined", "kept", "rank"])
         for i in range(len(ids)):
@@ -46,8 +48,8 @@ def write_outputs(workdir, sel, ids, labels, class_names, source=None, extra_met
                         f"{sel.scores['combined'][i]:.6f}", int(sel.mask[i]), int(rank[i])])
     meta = dict(sel.meta)
     meta.update(extra_meta or {})
-    (workdir / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-    return {"selection": workdir / "selection.npz", "scores": workdir / "scores.csv", "meta": workdir / "meta.json"}
+    out["meta"].write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+    return {name: out[name] for name in ("selection", "scores", "meta")}
 
 
 def _json_default(o):
@@ -90,14 +92,14 @@ def _positions(source, ids) -> np.ndarray:
 
 def load_outputs(workdir) -> tuple[dict, dict]:
     """The arrays of selection.npz and the dict of meta.json written by write_outputs."""
-    workdir = Path(workdir)
-    missing = [n for n in ("selection.npz", "meta.json") if not (workdir / n).is_file()]
+    out = RunDir(workdir).outputs
+    missing = [out[n].name for n in ("selection", "meta") if not out[n].is_file()]
     if missing:
         raise FileNotFoundError(f"{workdir} has no {' or '.join(missing)}: run `clipsel select` with this --workdir "
                                 "first")
-    with np.load(workdir / "selection.npz", allow_pickle=False) as z:
+    with np.load(out["selection"], allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads((workdir / "meta.json").read_text())
+    return arrays, json.loads(out["meta"].read_text())
 
 
 def write_report(workdir, source=None, title: str = "clipsel_jax selection report") -> Path:
@@ -148,7 +150,7 @@ def _write_report(workdir: Path, source, title: str) -> Path:
                  "scores.csv (one row per sample), meta.json (settings, per-class fractions, timings).</p>")
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
-    out = workdir / "report.html"
+    out = RunDir(workdir).outputs["report"]
     out.write_text(page, encoding="utf-8")
     return out
 

@@ -36,6 +36,7 @@ import optax
 
 from clipsel_jax import checks, parallel
 from clipsel_jax.ckpt import Checkpointer
+from clipsel_jax.workdir import RunDir, resume_state
 
 
 @jax.custom_vjp
@@ -313,7 +314,8 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
     and selection as the full loop; see the module docstring), falling back to the loop over every sample where its
     premise fails; "full" always runs that. mesh: devices for the full loop (N split over them). workdir: the loop's
     state is checkpointed (orbax) every `chunk_steps` steps under workdir/selection_band or workdir/selection, and a
-    rerun with the same c, k and cfg resumes from it; state from other inputs is removed, never resumed.
+    rerun with the same c, k and cfg resumes from it; state from other inputs is removed with a warning (the rule of
+    clipsel_jax.workdir), never resumed.
     """
     c = np.asarray(c, np.float32)
     n = len(c)
@@ -324,7 +326,7 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
     if band is not None:
         order, lo, hi = band
         c_band = c[order[lo:hi]]
-        d_band, steps, count = _run_loop(c_band, k, cfg, n, mesh, workdir and workdir / "selection_band",
+        d_band, steps, count = _run_loop(c_band, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(True),
                                          chunk_steps, {**settings, "band": [lo, hi]}, band=(lo, n - hi))
         fallback = band_failure(d_band)
         if fallback is None and (d_band[-1] > 0 or d_band[0] <= 0):
@@ -345,7 +347,8 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
                              {"loop": "band", "band": [lo, hi]})
     else:
         fallback = "loop='full'" if cfg.loop == "full" else "init <= 0: the band loop does not apply"
-    d, steps, count = _run_loop(c, k, cfg, n, mesh, workdir and workdir / "selection", chunk_steps, settings)
+    d, steps, count = _run_loop(c, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(False), chunk_steps,
+                                settings)
     return Optimised(d, steps, count, {"loop": "full", "why": fallback})
 
 
@@ -369,14 +372,11 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
 
     if ckpt_dir is not None:
         ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
-        if ckpt.latest_step() is not None:
-            if ckpt.restore_meta().get("settings") == settings:
-                restored, _ = ckpt.restore(like=unpadded(state))
-                state = LoopState(**jax.tree.map(
-                    lambda a: jax.device_put(np.pad(np.asarray(a), (0, m_pad - m)), sharding) if np.ndim(a)
-                    else jax.device_put(np.asarray(a), rep), restored))
-            else:  # another run's state (other scores or settings): removed, never resumed or mixed in
-                ckpt.clear()
+        if resume_state(ckpt, settings, "selection loop state") is not None:
+            restored, _ = ckpt.restore(like=unpadded(state))
+            state = LoopState(**jax.tree.map(
+                lambda a: jax.device_put(np.pad(np.asarray(a), (0, m_pad - m)), sharding) if np.ndim(a)
+                else jax.device_put(np.asarray(a), rep), restored))
     above, below = band or (0, 0)
     while not loop_done(int(state.step), float(state.count), k, cfg, n):
         stop = jnp.int32(min(cfg.max_steps, int(state.step) + chunk_steps))

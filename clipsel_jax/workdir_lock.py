@@ -37,7 +37,9 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-LOCK_NAME = ".clipsel.lock"
+from clipsel_jax.workdir import LOCK, RunDir
+
+LOCK_NAME = LOCK  # the file's name in every workdir (clipsel_jax.workdir)
 _held = threading.local()  # .locks: {(pid, workdir): [fd, depth]} of this thread
 
 
@@ -134,7 +136,7 @@ def hold_workdir(workdir: str | Path | None, wait: bool | float = False):
         return
     import jax
 
-    path = Path(workdir).absolute() / LOCK_NAME
+    path = RunDir(Path(workdir).absolute()).lock
     locks = _held.__dict__.setdefault("locks", {})
     # One workdir under two spellings is one lock; the pid: a forked child inherits this dict but holds nothing.
     key = (os.getpid(), os.path.realpath(path.parent))

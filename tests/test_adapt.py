@@ -54,14 +54,19 @@ def test_kill_and_resume_adapter_training(tmp_path):
     assert again["resumed_from"] == 6
 
 
-def test_checkpoint_of_other_data_is_refused(tmp_path):
+def test_checkpoint_of_other_data_is_never_resumed(tmp_path):
+    """The workdir's one rule: state made from other inputs or settings is removed with a warning naming what
+    differs, and the stage starts over (the same adapters as a run in an empty workdir)."""
     x, y, t = unaligned(seed=2)
     cfg = AdaptConfig(epochs=2, batch_size=100)
     train_adapters(x, y, t, cfg, workdir=tmp_path)
-    with pytest.raises(ValueError, match="other inputs or settings.*fingerprint"):
-        train_adapters(x + 1, y, t, cfg, workdir=tmp_path)
-    with pytest.raises(ValueError, match="differs in: epochs"):
-        train_adapters(x, y, t, AdaptConfig(epochs=3, batch_size=100), workdir=tmp_path)
+    with pytest.warns(UserWarning, match="adapters made from other inputs or settings.*differs in: fingerprint"):
+        _, hist = train_adapters(x + 1, y, t, cfg, workdir=tmp_path)
+    assert hist["resumed_from"] is None
+    np.testing.assert_array_equal(hist["loss"], train_adapters(x + 1, y, t, cfg)[1]["loss"])
+    with pytest.warns(UserWarning, match=r"differs in: epochs, fingerprint\)"):  # x + 1 is on disk now
+        _, hist = train_adapters(x, y, t, AdaptConfig(epochs=3, batch_size=100), workdir=tmp_path)
+    assert hist["resumed_from"] is None and len(hist["loss"]) == 3
 
 
 def test_bad_settings():
