@@ -88,14 +88,11 @@ def arg_number(name: str, **bounds):
     integer = bounds.get("integer", False)
 
     def parse(text):
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if integer else 'a number'}, "
-                                             f"got {text!r}") from None
+        value = int(text) if integer else float(text)  # a ValueError: argparse's "invalid float value: 'x'"
         try:
             return number(name, value, **bounds)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
+    parse.__name__ = "int" if integer else "float"  # the type argparse names when the text is not a number
     return parse

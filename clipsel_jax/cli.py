@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"clipsel: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse has printed the usage and its message (or --help): its code, returned
+        return e.code if isinstance(e.code, int) else 2
     command = args.command
     workdir = getattr(args, "workdir", None)
     if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():

@@ -28,7 +28,13 @@ SQRT_2PI = math.sqrt(2 * math.pi)  # the normal density's normaliser: pdf(z) = e
 
 
 def l2_normalize(x, axis=-1):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+    """x / max(|x|, 1e-12), with a zero gradient for an all-zero row (batch padding). jnp.linalg.norm's gradient at
+    zero is NaN, which made the adapters NaN whenever a data set smaller than one batch was padded (found by the
+    stage-output check); the norm of a zero row is therefore taken of a stand-in and replaced by 0 (the
+    double-where idiom), and every other row's value is the same as before, bit for bit."""
+    zero = jnp.all(x == 0, axis=axis, keepdims=True)
+    norm = jnp.where(zero, 0.0, jnp.linalg.norm(jnp.where(zero, 1.0, x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
 
 
 def _local_devices(mesh) -> list:

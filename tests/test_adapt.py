@@ -77,3 +77,27 @@ def test_bad_settings():
     x, y, t = unaligned()
     with pytest.raises(ValueError, match="kind must be"):
         train_adapters(x, y, t, AdaptConfig(kind="transformer", epochs=1))
+
+
+def test_padding_rows_give_finite_gradients():
+    """A batch padded with zero rows (a data set smaller than one batch) used to make the image adapter NaN after one
+    step: the gradient of the norm of a zero row is NaN. l2_normalize gives such a row a zero gradient."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from clipsel_jax.adapt import contrastive_loss
+    from clipsel_jax.models.adapters import Adapters
+    from clipsel_jax.scores import l2_normalize
+
+    x = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    x[4:] = 0  # padding
+    assert np.isfinite(jax.grad(lambda a: l2_normalize(a).sum())(jnp.asarray(x))).all()
+    np.testing.assert_allclose(l2_normalize(jnp.asarray(x)), x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True),
+                                                                            1e-12), rtol=1e-6)
+    graphdef, params = nnx.split(Adapters(8, 8, None, "linear", rngs=nnx.Rngs(0)))  # identity init: A(0) = 0
+    y, valid, text = jnp.array([0, 1, 0, 1, 0, 0]), jnp.arange(6) < 4, jnp.ones((2, 8))
+    for loss in ("infonce", "class"):
+        grads = jax.grad(lambda p: contrastive_loss(nnx.merge(graphdef, p), jnp.asarray(x), y, valid, text, loss))(
+            params)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), loss

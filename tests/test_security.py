@@ -955,17 +955,19 @@ from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
 for wait in (False, True):
     try:
         with hold_workdir(sys.argv[3], wait=wait):
-            print("held", flush=True)
+            print("\\nANSWER held", flush=True)
     except WorkdirBusy as e:
-        print("busy", e.holder and e.holder["pid"], flush=True)
+        print("\\nANSWER busy", e.holder and e.holder["pid"], flush=True)
 """
 
 
 def answer(stdout) -> list[str]:
-    """The next line of MULTI's output (gloo writes its own lines to stdout too)."""
+    """The next answer of MULTI: gloo writes to the same stdout, unbuffered and not always a whole line at a time,
+    so each answer starts a line of its own with a marker and is found by it."""
     for line in stdout:
-        if line.startswith(("busy", "held")):
-            return line.split()
+        m = re.search(r"ANSWER (busy (?:\d+|None)|held)", line)
+        if m:
+            return m.group(1).split()
     return []
 
 
