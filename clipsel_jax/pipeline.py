@@ -24,7 +24,7 @@ import numpy as np
 from clipsel_jax import checks, parallel
 from clipsel_jax.adapt import AdaptConfig, adapt
 from clipsel_jax.ckpt import Checkpointer
-from clipsel_jax.scores import diversity_settings, score_samples
+from clipsel_jax.scores import DiversityConfig, diversity_settings, score_samples
 from clipsel_jax.selection import SelectionConfig, optimise, rank_and_take
 from clipsel_jax.workdir import RunDir
 from clipsel_jax.workdir_lock import with_workdir_lock
@@ -84,7 +84,8 @@ def alpha_value(alpha, ratio) -> float:
 def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int = 0, *,
                            adapter: AdaptConfig | None = AdaptConfig(), balance: str = "class",
                            alpha: float | str | None = None, beta: float | None = None, k_neighbors: int | None = None,
-                           k_fraction: float = 0.1, reference_threshold: int | None = None, reference_size: int = 4096,
+                           k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
+                           reference_size: int = DiversityConfig.reference_size,
                            selection: SelectionConfig | None = None, ids=None, workdir: str | Path | None = None,
                            mesh=None, progress: bool = False, chunk_steps: int = 20_000) -> Selection:
     """Select round(ratio * N) samples from embeddings of any encoder: adapt, score, optimise the keep-mask, take

@@ -261,6 +261,21 @@ def _gather_rows(feats: np.ndarray, idx: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class DiversityConfig:
+    """SDS's settings, each default written here once (the functions below and the CLI read them)."""
+    k_fraction: float = 0.1  # K = round(k_fraction * class size): the paper's 10%
+    k_neighbors: int | None = None  # a fixed K for every class instead
+    reference_threshold: int | None = None  # classes larger than this measure SDS against a random reference ...
+    reference_size: int = 4096  # ... of this many members (memory for huge classes)
+
+    def __post_init__(self):
+        checked = diversity_settings(self.k_neighbors, self.k_fraction, self.reference_threshold,
+                                     self.reference_size)
+        for name, value in zip(("k_neighbors", "k_fraction", "reference_threshold", "reference_size"), checked):
+            object.__setattr__(self, name, value)  # frozen: numpy scalars become Python numbers
+
+
 def diversity_settings(k, k_fraction, reference_threshold, reference_size) -> tuple:
     """SDS's settings, checked (K = 0 would average no distances: NaN; a reference of 0 samples: all zero)."""
     return (checks.optional_number("k_neighbors", k, lo=1, integer=True),
@@ -269,8 +284,9 @@ def diversity_settings(k, k_fraction, reference_threshold, reference_size) -> tu
             checks.number("reference_size", reference_size, lo=2, integer=True))
 
 
-def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *, k_fraction: float = 0.1,
-                     k: int | None = None, reference_threshold: int | None = None, reference_size: int = 4096,
+def sample_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                     k_fraction: float = DiversityConfig.k_fraction, k: int | None = None,
+                     reference_threshold: int | None = None, reference_size: int = DiversityConfig.reference_size,
                      seed: int = 0, query_tile: int = 256, max_tile_elements: int = 1 << 24, mesh=None,
                      ) -> tuple[np.ndarray, DiversityInfo]:
     """SDS for every sample, per class. float32 (N,).
@@ -382,8 +398,9 @@ class Scores:
     diversity: DiversityInfo  # K and reference size per class (C,)
 
 
-def score_samples(u, v, labels, alpha: float, *, k: int | None = None, k_fraction: float = 0.1,
-                  reference_threshold: int | None = None, reference_size: int = 4096, seed: int = 0,
+def score_samples(u, v, labels, alpha: float, *, k: int | None = None,
+                  k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
+                  reference_size: int = DiversityConfig.reference_size, seed: int = 0,
                   mesh=None) -> Scores:
     """SAS, SDS, the combined score and the preferred class of aligned features.
 

@@ -10,16 +10,14 @@ The paper's prompt is "A photo of a {}." (the authors' code); add --prompt repea
 
 
 def get_config():
-    return {
-        "data": "tfds:cifar10",
-        "subdir": "train",  # the split for tfds:
-        "encoder": "openai/clip-vit-base-patch32",
-        "prompt": ["A photo of a {}."],
-        "ratio": 0.3,
-        "adapter": "linear",
-        "adapter_epochs": 30,  # Adam 1e-4, batch 256: docs/method.md, "Dataset adaptation"
-        "k_fraction": 0.1,  # SDS: K = 10% of the class
-        "balance": "class",
-        "alpha": "code",  # 0.1, as the authors' code
-        "workdir": "out/cifar10",
-    }
+    return dict(
+        data=dict(path="tfds:cifar10", subdir="train"),  # subdir: the split, for tfds:
+        encoder=dict(name="openai/clip-vit-base-patch32"),
+        embed=dict(prompts=["A photo of a {}."]),
+        adapt=dict(kind="linear", epochs=30),  # Adam 1e-4, batch 256: docs/method.md, "Dataset adaptation"
+        scores=dict(k_fraction=0.1),  # SDS: K = 10% of the class
+        selection=dict(alpha="code"),  # 0.1, as the authors' code
+        ratio=0.3,
+        balance="class",
+        workdir="out/cifar10",
+    )

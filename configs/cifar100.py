@@ -6,16 +6,14 @@
 
 
 def get_config():
-    return {
-        "data": "tfds:cifar100",
-        "subdir": "train",
-        "encoder": "openai/clip-vit-base-patch32",
-        "prompt": ["A photo of a {}."],
-        "ratio": 0.3,
-        "adapter": "linear",
-        "adapter_epochs": 30,
-        "k_fraction": 0.1,  # K = 50 neighbours per class
-        "balance": "class",
-        "alpha": "code",
-        "workdir": "out/cifar100",
-    }
+    return dict(
+        data=dict(path="tfds:cifar100", subdir="train"),
+        encoder=dict(name="openai/clip-vit-base-patch32"),
+        embed=dict(prompts=["A photo of a {}."]),
+        adapt=dict(kind="linear", epochs=30),
+        scores=dict(k_fraction=0.1),  # K = 50 neighbours per class
+        selection=dict(alpha="code"),
+        ratio=0.3,
+        balance="class",
+        workdir="out/cifar100",
+    )

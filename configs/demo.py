@@ -8,9 +8,9 @@ and where report.html is.
 
 
 def get_config():
-    return {
-        "data": "demo",
-        "encoder": "offline",
-        "ratio": 0.5,
-        "workdir": "out/demo",
-    }
+    return dict(
+        data=dict(path="demo"),
+        encoder=dict(name="offline"),
+        ratio=0.5,
+        workdir="out/demo",
+    )

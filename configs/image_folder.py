@@ -10,13 +10,12 @@ disk, --encoder path/to/save_pretrained_folder or an OpenCLIP .pt/.safetensors f
 
 
 def get_config():
-    return {
-        "data": "path/to/images",
-        "encoder": "openai/clip-vit-base-patch32",
-        "prompt": ["A photo of a {}."],
-        "ratio": 0.5,
-        "adapter": "linear",
-        "adapter_epochs": 30,
-        "balance": "class",
-        "workdir": "out/my_data",
-    }
+    return dict(
+        data=dict(path="path/to/images"),  # or images.zip:inner/train; class_names= for readable names
+        encoder=dict(name="openai/clip-vit-base-patch32"),
+        embed=dict(prompts=["A photo of a {}."]),
+        adapt=dict(kind="linear", epochs=30),
+        ratio=0.5,
+        balance="class",
+        workdir="out/my_data",
+    )

@@ -12,19 +12,16 @@ names with --class-names (ImageNet's LOC_synset_mapping.txt, "n01440764 tench, T
 
 
 def get_config():
-    return {
-        "data": "tfds:imagenet2012",
-        "subdir": "train",
-        "encoder": "openai/clip-vit-base-patch32",
-        "prompt": ["A photo of a {}."],
-        "ratio": 0.3,
-        "batch_size": 1024,
-        "workers": 16,  # decoding JPEGs is the bottleneck on a TPU VM host
-        "adapter": "linear",
-        "adapter_epochs": 10,
-        "k_fraction": 0.1,  # K = 128 per class
-        "reference_threshold": 2000,  # ~1,300 per class: exact; raise or lower to trade accuracy for time
-        "balance": "class",
-        "alpha": "code",
-        "workdir": "out/imagenet1k",
-    }
+    return dict(
+        data=dict(path="tfds:imagenet2012", subdir="train"),
+        encoder=dict(name="openai/clip-vit-base-patch32"),
+        embed=dict(prompts=["A photo of a {}."], batch_size=1024,
+                   workers=16),  # decoding JPEGs is the bottleneck on a TPU VM host
+        adapt=dict(kind="linear", epochs=10),
+        scores=dict(k_fraction=0.1,  # K = 128 per class
+                    reference_threshold=2000),  # ~1,300 per class: exact; lower it to trade accuracy for time
+        selection=dict(alpha="code"),
+        ratio=0.3,
+        balance="class",
+        workdir="out/imagenet1k",
+    )

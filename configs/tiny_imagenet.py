@@ -15,16 +15,14 @@ words.txt maps each id to readable names; the first synonym goes into the prompt
 
 
 def get_config():
-    return {
-        "data": "tiny-imagenet-200/train",
-        "class_names": "tiny-imagenet-200/words.txt",
-        "encoder": "openai/clip-vit-base-patch32",
-        "prompt": ["A photo of a {}."],
-        "ratio": 0.3,
-        "adapter": "linear",
-        "adapter_epochs": 30,
-        "k_fraction": 0.1,
-        "balance": "class",
-        "alpha": "code",
-        "workdir": "out/tiny_imagenet",
-    }
+    return dict(
+        data=dict(path="tiny-imagenet-200/train", class_names="tiny-imagenet-200/words.txt"),
+        encoder=dict(name="openai/clip-vit-base-patch32"),
+        embed=dict(prompts=["A photo of a {}."]),
+        adapt=dict(kind="linear", epochs=30),
+        scores=dict(k_fraction=0.1),
+        selection=dict(alpha="code"),
+        ratio=0.3,
+        balance="class",
+        workdir="out/tiny_imagenet",
+    )

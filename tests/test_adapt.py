@@ -5,16 +5,7 @@ import pytest
 
 from clipsel_jax.adapt import AdaptConfig, apply_adapters, train_adapters
 from clipsel_jax.scores import semantic_alignment
-
-
-def unaligned(seed=0, n=600, classes=5, di=12, dt=7):
-    """Image and text features in different spaces (different dims, a random rotation): zero-shot is chance."""
-    rng = np.random.default_rng(seed)
-    protos = rng.normal(size=(classes, 6))
-    y = rng.integers(0, classes, n)
-    x = (protos[y] @ rng.normal(size=(6, di)) + 0.3 * rng.normal(size=(n, di))).astype(np.float32)
-    t = (protos @ rng.normal(size=(6, dt))).astype(np.float32)
-    return x, y, t
+from synthetic import unaligned
 
 
 def zero_shot_accuracy(u, v, y):

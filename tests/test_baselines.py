@@ -5,13 +5,12 @@ import pytest
 
 from clipsel_jax import baselines as bl
 from clipsel_jax.selection import class_quotas
+from synthetic import noisy_clusters
 
 
 def clusters(n_per=60, classes=3, dim=8, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, dim)) * 3
-    y = np.repeat(np.arange(classes), n_per)
-    return centers[y] + rng.normal(size=(len(y), dim)), y
+    x, y, _, _ = noisy_clusters(n_per, classes, dim, flip=0, seed=seed, spread=3)
+    return x, y
 
 
 @pytest.mark.parametrize("name", ["random", "moderate_ds", "herding", "k_center"])

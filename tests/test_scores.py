@@ -6,6 +6,7 @@ import pytest
 
 from clipsel_jax import parallel
 from clipsel_jax.scores import minmax, sample_diversity, semantic_alignment
+from synthetic import noisy_clusters
 
 
 def brute_sds(x, y, num_classes, frac=0.1, k=None):
@@ -23,11 +24,10 @@ def brute_sds(x, y, num_classes, frac=0.1, k=None):
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    n, dim, classes = 1500, 24, 6
-    y = rng.integers(0, classes, n)  # shuffled order, unequal class sizes: not N/C contiguous blocks
-    x = (rng.normal(size=(classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
-    return x, y, classes
+    # shuffled order, unequal class sizes: not N/C contiguous blocks
+    x, y, _, _ = noisy_clusters(sizes=[190, 260, 240, 310, 220, 280], classes=6, flip=0, dim=24, spread=1,
+                                shuffle=True)
+    return x, y, 6
 
 
 def test_sas_is_cosine_with_own_label_prompt():

@@ -36,12 +36,11 @@ from clipsel_jax.checks import StageOutputError
 from clipsel_jax.ckpt import CHECKSUMS, Checkpointer
 from clipsel_jax.cli import main
 from clipsel_jax.data.sources import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImage, decode_image
-from clipsel_jax.embedding import Embeddings, embed
+from clipsel_jax.embedding import embed
 from clipsel_jax.report import write_outputs, write_report
 from clipsel_jax.weights import CheckpointError, read_checkpoint, read_state_dict
 from clipsel_jax.workdir_lock import LOCK_NAME, WorkdirBusy, hold_workdir
-from test_adapt import unaligned
-from test_select import noisy_clusters
+from synthetic import noisy_clusters, unaligned
 
 
 # ==================================================================================================================
@@ -50,11 +49,8 @@ from test_select import noisy_clusters
 
 
 def clusters(n_per=20, classes=3, dim=8, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, dim)) * 3
-    y = np.repeat(np.arange(classes), n_per)
-    x = (centers[y] + rng.normal(size=(len(y), dim))).astype(np.float32)
-    return x, y, (centers + 0.3 * rng.normal(size=centers.shape)).astype(np.float32)
+    x, y, t, _ = noisy_clusters(n_per, classes, dim, flip=0, seed=seed, spread=3, text_noise=0.3)
+    return x, y, t
 
 
 def embeddings_file(path, **changes):
@@ -165,7 +161,7 @@ def test_cli_refuses_bad_numbers_before_embedding(argv, message, tmp_path, capsy
 def test_cli_checks_config_values_too(tmp_path, capsys):
     """Values from a --config file are not typed by argparse: they are checked all the same, before any work."""
     config = tmp_path / "c.py"
-    config.write_text("def get_config():\n    return {'ratio': 0.5, 'k_neighbors': 0}\n")
+    config.write_text("def get_config():\n    return {'ratio': 0.5, 'scores': {'k_neighbors': 0}}\n")
     code = main(["select", "--config", str(config), "--data", str(tmp_path / "no_such_folder"),
                  "--workdir", str(tmp_path / "w")])
     assert code == 2

@@ -8,23 +8,9 @@ import pytest
 
 import clipsel_jax as cs
 from clipsel_jax import parallel, selection
+from synthetic import noisy_clusters
 from clipsel_jax.selection import (SelectionConfig, class_quotas, optimise, optimise_keep_scores, rank_and_take,
                                    straight_through_mask)
-
-
-def noisy_clusters(n_per=300, classes=10, dim=32, flip=0.2, seed=0, sizes=None):
-    """Class-clustered embeddings, text embeddings near the class centres, `flip` of the labels flipped to
-    another class. Returns (x, given labels, text, flipped mask)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, dim)) * 2.5
-    sizes = sizes or [n_per] * classes
-    y_true = np.repeat(np.arange(classes), sizes)
-    x = (centers[y_true] + rng.normal(size=(len(y_true), dim))).astype(np.float32)
-    text = (centers + 0.5 * rng.normal(size=(classes, dim))).astype(np.float32)
-    y = y_true.copy()
-    flipped = rng.random(len(y)) < flip
-    y[flipped] = (y[flipped] + rng.integers(1, classes, flipped.sum())) % classes
-    return x, y, text, flipped
 
 
 def test_ste_forward_is_hard_mask_and_gradient_is_straight_through():
