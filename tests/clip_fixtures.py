@@ -83,3 +83,49 @@ def make_clip_folder(folder: Path, shapes=TINY, act: str = "quick_gelu", seed: i
     proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **extra)
     proc.save_pretrained(str(folder))
     return model, tok, proc
+
+
+def make_clip_folder_without_torch(folder: Path, shapes=TINY, act: str = "quick_gelu", seed: int = 0) -> Path:
+    """The same save_pretrained layout as make_clip_folder (config.json, model.safetensors, tokenizer, image
+    processor) with random weights drawn in numpy: for the tests of everything but the parity with PyTorch, which
+    then run where torch is not installed. Tensor names and shapes come from our NNX model (in torch's layout)."""
+    import json
+
+    import numpy as np
+    from flax import nnx
+    from safetensors.numpy import save_file
+    from transformers import CLIPConfig
+
+    from clipsel_jax.models.clip import CLIPModel
+    from clipsel_jax.weights import _hf_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    text = dict(shapes["text"], vocab_size=len(tok), hidden_act=act, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    config = CLIPConfig(text_config=text, vision_config=dict(shapes["vision"], hidden_act=act),
+                        projection_dim=shapes["projection_dim"])
+    config.save_pretrained(str(folder))
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract)):
+        shape, leaf = tuple(var.shape), str(path[-1])
+        if leaf == "kernel" and len(shape) == 2:  # ours (in, out) -> torch Linear (out, in)
+            shape = shape[::-1]
+        elif leaf == "kernel" and len(shape) == 4:  # ours (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        if leaf == "logit_scale":
+            value = np.full(shape, np.log(1 / 0.07))  # CLIP's initial temperature
+        else:  # layer norm scales near 1, everything else near 0: every tensor matters
+            value = (1.0 if leaf == "scale" else 0.0) + 0.02 * rng.standard_normal(shape)
+        tensors[_hf_name(path)] = np.asarray(value, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    size = shapes["vision"]["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": size}}))
+    return folder

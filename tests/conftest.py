@@ -18,14 +18,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clip_fixtures import TINY, make_clip_folder  # noqa: E402
+from clip_fixtures import TINY, make_clip_folder, make_clip_folder_without_torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
-    """(folder, torch CLIPModel, tokenizer, image processor) for a tiny random CLIP with QuickGELU."""
+    """(folder, torch CLIPModel, tokenizer, image processor) for a tiny random CLIP with QuickGELU (needs torch:
+    the parity tests; tiny_clip_folder is the same model's layout without torch)."""
     folder = tmp_path_factory.mktemp("tiny_clip")
     return (folder, *make_clip_folder(folder, TINY, act="quick_gelu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A tiny random CLIP folder (save_pretrained layout) made without torch: for every test that runs the
+    pipeline rather than comparing with PyTorch."""
+    return make_clip_folder_without_torch(tmp_path_factory.mktemp("tiny_clip_np"), TINY)
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,11 @@ FAST = ["--adapter-epochs", "2", "--adapter-batch", "4", "--quiet"]
 
 
 @pytest.fixture
-def selected(folder, tmp_path, tiny_clip, capsys):
+def selected(folder, tmp_path, tiny_clip_folder, capsys):
     """A `clipsel select` run on the 12-file test folder (10 readable images, 2 classes)."""
     work = tmp_path / "work"
     with pytest.warns(UserWarning, match="could not be read"):
-        rc = main(["select", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--ratio", "0.5",
+        rc = main(["select", "--encoder", str(tiny_clip_folder), "--data", str(folder), "--ratio", "0.5",
                    "--workdir", str(work), *FAST])
     assert rc == 0
     (work / "printed.json").write_text(json.dumps(capsys.readouterr()._asdict()))  # for the test to read
@@ -89,12 +89,12 @@ def test_report_renders_in_headless_chromium(selected, tmp_path):
         driver.quit()
 
 
-def test_stage_commands_compose(folder, tmp_path, tiny_clip, capsys):
+def test_stage_commands_compose(folder, tmp_path, tiny_clip_folder, capsys):
     """embed -> adapt -> score as separate commands give the scores of the one-shot select on those embeddings,
     and report rebuilds the page (with images when --data is given)."""
     emb, work = tmp_path / "emb.npz", tmp_path / "w"
     with pytest.warns(UserWarning, match="could not be read"):
-        assert main(["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--workdir", str(work),
+        assert main(["embed", "--encoder", str(tiny_clip_folder), "--data", str(folder), "--workdir", str(work),
                      "--quiet"]) == 0
     assert (work / "embeddings.npz").is_file()  # --out defaults into the workdir
     shutil.copy(work / "embeddings.npz", emb)
@@ -150,7 +150,7 @@ def test_report_reopens_the_source_of_the_selection(selected, capsys):
     (["info", "--cpu-devices", "many"], "--cpu-devices must be a positive integer or 'auto', got 'many'"),
     (["info", "--cpu-devices", "2"], "JAX already runs with 4 CPU device(s)"),  # this process started JAX
 ])
-def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_clip, tmp_path, capsys):
+def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_clip_folder, tmp_path, capsys):
     (tmp_path / "bad.py").write_text("def get_config():\n    return {'colour': 'red'}\n")
     (tmp_path / "nofunc.py").write_text("X = 1\n")
     (tmp_path / "flat.py").write_text("def get_config():\n    return {'adapter_epochs': 3}\n")
@@ -161,7 +161,7 @@ def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_cli
     np.savez(tmp_path / "unaligned.npz", image_emb=rng.normal(size=(6, 8)).astype(np.float32),
              labels=np.arange(6) % 2, ids=np.arange(6), text_emb=rng.normal(size=(2, 5)).astype(np.float32),
              class_names=np.array(["a", "b"]), prompts=np.array(["a", "b"]))
-    subs = {"FOLDER": str(folder), "ENC": str(tiny_clip[0]), "BADCFG": str(tmp_path / "bad.py"),
+    subs = {"FOLDER": str(folder), "ENC": str(tiny_clip_folder), "BADCFG": str(tmp_path / "bad.py"),
             "NOFUNC": str(tmp_path / "nofunc.py"),
             "FLATCFG": str(tmp_path / "flat.py"), "BADVALUE": str(tmp_path / "badvalue.py"),
             "NOTNPZ": str(tmp_path / "not.npz"),
@@ -274,10 +274,10 @@ def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog"))
 
 
 @pytest.mark.slow
-def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
+def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip_folder, capsys):
     data = _fake_cifar_zip(tmp_path / "c.zip")
     work = tmp_path / "bench"
-    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip[0]),
+    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip_folder),
             "--methods", "clipsel", "random", "moderate_ds", "full", "--ratios", "0.5", "--noise", "0.0", "0.2",
             "--seeds", "0", "--train-steps", "2", "--train-width", "4"]
     assert main(argv) == 0
@@ -299,7 +299,7 @@ def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip, capsys):
 
 
 @pytest.mark.slow
-def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_clip, monkeypatch, capsys):
+def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_clip_folder, monkeypatch, capsys):
     """Two workers may start the same row; the second to finish it must not append it again."""
     import clipsel_jax.evaluate as ev
     from clipsel_jax.evaluate.benchmark import FIELDS
@@ -318,7 +318,7 @@ def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_
 
     monkeypatch.setattr(ev, "train_classifier", train_while_another_worker_finishes_the_row)
     argv = ["bench", "--data", str(_fake_cifar_zip(tmp_path / "c.zip")), "--workdir", str(work), "--encoder",
-            str(tiny_clip[0]), "--methods", "random", "--ratios", "0.5", "--noise", "0.0", "--seeds", "0",
+            str(tiny_clip_folder), "--methods", "random", "--ratios", "0.5", "--noise", "0.0", "--seeds", "0",
             "--train-steps", "2", "--train-width", "4"]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(work / "results.csv")))
@@ -349,10 +349,10 @@ def test_demo_set_and_the_readme_first_command(tmp_path):
     assert f"report: {(tmp_path / 'demo' / 'report.html').resolve()}" in r.stderr
 
 
-def test_embed_command(folder, tmp_path, tiny_clip):
+def test_embed_command(folder, tmp_path, tiny_clip_folder):
     out = tmp_path / "emb.npz"
     with pytest.warns(UserWarning, match="2 of 12 images could not be read"):
-        rc = main(["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--out", str(out), "--quiet"])
+        rc = main(["embed", "--encoder", str(tiny_clip_folder), "--data", str(folder), "--out", str(out), "--quiet"])
     assert rc == 0
     z = np.load(out)
     assert z["image_emb"].shape == (10, 16) and z["text_emb"].shape == (2, 16)
@@ -361,8 +361,8 @@ def test_embed_command(folder, tmp_path, tiny_clip):
     assert z["prompts"].tolist() == ["A photo of a cat.", "A photo of a dog."]
 
 
-def test_embed_command_cache_and_prompt_ensemble(folder, tmp_path, tiny_clip):
-    args = ["embed", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--quiet", "--workdir",
+def test_embed_command_cache_and_prompt_ensemble(folder, tmp_path, tiny_clip_folder):
+    args = ["embed", "--encoder", str(tiny_clip_folder), "--data", str(folder), "--quiet", "--workdir",
             str(tmp_path / "cache"), "--prompt", "a {}", "--prompt", "the {}"]
     with pytest.warns(UserWarning, match="could not be read"):
         assert main(args + ["--out", str(tmp_path / "a.npz")]) == 0
@@ -380,8 +380,8 @@ def test_embed_command_cache_and_prompt_ensemble(folder, tmp_path, tiny_clip):
     (["embed", "--encoder", "nowhere/nothing/x", "--data", "DATA", "--out", "o.npz"], "neither an existing folder"),
     (["embed", "--encoder", "ENC", "--data", "/no/such/folder", "--out", "o.npz"], "does not exist"),
 ])
-def test_bad_arguments_exit_2_without_traceback(argv, message, folder, tiny_clip, tmp_path):
-    argv = [a.replace("DATA", str(folder)).replace("ENC", str(tiny_clip[0])) for a in argv]
+def test_bad_arguments_exit_2_without_traceback(argv, message, folder, tiny_clip_folder, tmp_path):
+    argv = [a.replace("DATA", str(folder)).replace("ENC", str(tiny_clip_folder)) for a in argv]
     r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", *argv], capture_output=True, text=True,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr
@@ -408,19 +408,19 @@ def test_embed_without_encoder_uses_the_offline_one(folder, tmp_path, capsys):
     assert z["image_emb"].shape == (10, 1280) and z["text_emb"].shape == (2, 384)
 
 
-def test_embed_command_reads_tfds(tmp_path, tiny_clip):
+def test_embed_command_reads_tfds(tmp_path, tiny_clip_folder):
     tfds = pytest.importorskip("tensorflow_datasets")
     out = tmp_path / "emb.npz"
     with tfds.testing.mock_data(num_examples=6):
-        assert main(["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:cifar10", "--subdir", "test",
+        assert main(["embed", "--encoder", str(tiny_clip_folder), "--data", "tfds:cifar10", "--subdir", "test",
                      "--out", str(out), "--quiet"]) == 0
     z = np.load(out)
     assert z["image_emb"].shape == (6, 16) and len(z["class_names"]) == 10
 
 
-def test_embed_command_missing_tfds_set_is_a_clear_error(tmp_path, tiny_clip, capsys):
+def test_embed_command_missing_tfds_set_is_a_clear_error(tmp_path, tiny_clip_folder, capsys):
     pytest.importorskip("tensorflow_datasets")
-    rc = main(["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:cifar10", "--tfds-data-dir",
+    rc = main(["embed", "--encoder", str(tiny_clip_folder), "--data", "tfds:cifar10", "--tfds-data-dir",
                str(tmp_path / "empty"), "--out", str(tmp_path / "o.npz"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot be opened" in err and "tfds build cifar10" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 the packaged configs found by name (from a checkout and from a wheel)."""
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -105,8 +106,13 @@ def test_every_package_folder_is_listed_in_pyproject():
 @pytest.mark.slow
 def test_a_wheel_ships_the_configs(tmp_path):
     """Built and installed as users get it (not from the checkout): `--config cifar10` finds the packaged file."""
+    src = tmp_path / "src"  # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    for name in ("clipsel_jax", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     wheel, = tmp_path.glob("clipsel_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

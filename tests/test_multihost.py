@@ -61,7 +61,7 @@ def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
                                                                 "A photo of a c."]), rtol=1e-5, atol=1e-5)
 
 
-def test_two_process_select_matches_one(tmp_path, folder, tiny_clip):
+def test_two_process_select_matches_one(tmp_path, folder, tiny_clip_folder):
     """`clipsel select` as 2 processes x 2 CPU devices (joined through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID, one shared workdir, as on a pod with a shared disk) writes exactly the mask of one process."""
     import os
@@ -69,7 +69,7 @@ def test_two_process_select_matches_one(tmp_path, folder, tiny_clip):
 
     from clipsel_jax.cli import main
 
-    args = ["select", "--encoder", str(tiny_clip[0]), "--data", str(folder), "--ratio", "0.5",
+    args = ["select", "--encoder", str(tiny_clip_folder), "--data", str(folder), "--ratio", "0.5",
             "--adapter-epochs", "3", "--adapter-batch", "4", "--quiet"]
     port = str(free_port())
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",

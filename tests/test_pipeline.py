@@ -40,12 +40,12 @@ def test_zip_source_matches_folder(folder, tmp_path):
         image_folder(str(z), "data/test")
 
 
-def test_select_end_to_end(folder, tmp_path, tiny_clip):
+def test_select_end_to_end(folder, tmp_path, tiny_clip_folder):
     """Image folder -> embed -> adapt -> score -> select, then a rerun reuses the saved embeddings."""
     src = image_folder(str(folder))
     work = tmp_path / "work"
     with pytest.warns(UserWarning, match="could not be read"):
-        sel = cs.select(src, 0.5, str(tiny_clip[0]), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
+        sel = cs.select(src, 0.5, str(tiny_clip_folder), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
                         progress=False)
     assert len(sel.indices) == 5 and len(sel.meta["unreadable"]) == 2  # 10 readable images
     z = np.load(work / "selection.npz")
@@ -55,7 +55,7 @@ def test_select_end_to_end(folder, tmp_path, tiny_clip):
     assert meta["k"] == 5 and meta["class_names"] == ["cat", "dog"]
     chunks = sorted((work / "embeddings").glob("*/chunk_*.npz"))
     stamps = [c.stat().st_mtime_ns for c in chunks]
-    again = cs.select(src, 0.5, str(tiny_clip[0]), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
+    again = cs.select(src, 0.5, str(tiny_clip_folder), work, adapter=cs.AdaptConfig(epochs=2, batch_size=4),
                       progress=False)
     assert chunks and [c.stat().st_mtime_ns for c in chunks] == stamps  # reused, not recomputed
     np.testing.assert_array_equal(again.mask, sel.mask)

@@ -38,7 +38,7 @@ def prepared(tmp_path_factory):
     return root
 
 
-def test_tfrecord_set_streams_through_tf_data_and_matches_array_record(prepared, tmp_path, tiny_clip):
+def test_tfrecord_set_streams_through_tf_data_and_matches_array_record(prepared, tmp_path, tiny_clip_folder):
     stream = cs.data.tfds_source("tiny_images", "train", data_dir=str(prepared / "tfrecord"))
     table = cs.data.tfds_source("tiny_images", "train", data_dir=str(prepared / "array_record"))
     assert isinstance(stream, TFDSStreamSource) and isinstance(table, TFDSSource)  # "auto" picks by the format
@@ -49,7 +49,7 @@ def test_tfrecord_set_streams_through_tf_data_and_matches_array_record(prepared,
         b, yb = table.read_example(i)
         np.testing.assert_array_equal(a, b)
         assert ya == yb
-    enc = cs.load_encoder(str(tiny_clip[0]), batch_size=4)
+    enc = cs.load_encoder(str(tiny_clip_folder), batch_size=4)
     # chunks of 5, batches of 4 over 4 devices: chunk ends pad their last batch
     e1 = cs.embed(stream, enc, tmp_path / "w1", chunk_size=5, progress=False)
     e2 = cs.embed(table, enc, tmp_path / "w2", chunk_size=5, progress=False)
@@ -81,7 +81,7 @@ def test_reader_choice_and_errors(prepared):
         cs.data.tfds_source("tiny_images", reader="pandas")
 
 
-def test_two_processes_match_one(prepared, tmp_path, tiny_clip):
+def test_two_processes_match_one(prepared, tmp_path, tiny_clip_folder):
     """`clipsel embed --data tfds:...` of a TFRecord set as 2 processes x 2 CPU devices: the single-process result."""
     import os
     import sys
@@ -90,7 +90,7 @@ def test_two_processes_match_one(prepared, tmp_path, tiny_clip):
 
     from clipsel_jax.cli import main
 
-    args = ["embed", "--encoder", str(tiny_clip[0]), "--data", "tfds:tiny_images", "--tfds-data-dir",
+    args = ["embed", "--encoder", str(tiny_clip_folder), "--data", "tfds:tiny_images", "--tfds-data-dir",
             str(prepared / "tfrecord"), "--batch-size", "4", "--quiet"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
