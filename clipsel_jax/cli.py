@@ -6,12 +6,13 @@
     clipsel adapt   train the image/text adapters on an embeddings .npz -> adapted embeddings .npz
     clipsel score   SAS, SDS and the combined score of an (adapted) embeddings .npz -> scores.csv / .npz
     clipsel report  (re)build report.html from a --workdir of `clipsel select`
-    clipsel bench   the selection-quality benchmark (methods x ratios x noise x seeds; CIFAR-10)
+    clipsel bench   the selection-quality benchmark (methods x ratios x noise kinds x seeds, any data set)
     clipsel info    devices, hosts and versions
 
-Every subcommand but bench takes `--config FILE|NAME` (a Python file with get_config() -> a nested dict of
+Every subcommand takes `--config FILE|NAME` (a Python file with get_config() -> a nested dict of
 settings, see clipsel_jax.config; NAME: a config packaged with clipsel_jax, e.g. cifar10); options given on the
-command line override the config. Exit codes: 0 success, 2 bad arguments or input (a
+command line override the config (bench reads the config's data, encoder and method sections, and has its own
+grid options). Exit codes: 0 success, 2 bad arguments or input (a
 message, no traceback), 1 an unexpected failure (rerun with --debug for the traceback), 130 interrupted.
 """
 
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_arg(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("bench", help="selection quality: methods x ratios x noise x seeds on CIFAR-10, resumable")
+    p = sub.add_parser("bench", help="selection quality: methods x ratios x noise kinds x seeds on any data set with "
+                                     "a test split, resumable")
     _common(p, config=False)
     from clipsel_jax.evaluate.benchmark import add_arguments
 

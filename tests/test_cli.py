@@ -8,12 +8,10 @@ import shutil
 import subprocess
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipsel_jax.cli import main
 
@@ -258,72 +256,6 @@ def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
         monkeypatch.setenv(k, v)
         assert default_cpu_devices() is None
         monkeypatch.delenv(k)
-
-
-def _fake_cifar_zip(path: Path, per_class=6, classes=("airplane", "cat", "dog")):
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as z:
-        for split, n in (("train", per_class), ("test", 2)):
-            for c_i, c in enumerate(classes):
-                for i in range(n):
-                    img = np.full((32, 32, 3), 40 * c_i, np.uint8) + rng.integers(0, 30, (32, 32, 3), dtype=np.uint8)
-                    p = path.parent / "tmp.png"
-                    Image.fromarray(img).save(p)
-                    z.write(p, f"cifar10-jpeg/{split}/{c}/{i:04d}.png")
-    return path
-
-
-@pytest.mark.slow
-def test_bench_command_runs_resumes_and_plots(tmp_path, tiny_clip_folder, capsys):
-    data = _fake_cifar_zip(tmp_path / "c.zip")
-    work = tmp_path / "bench"
-    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip_folder),
-            "--methods", "clipsel", "random", "moderate_ds", "full", "--ratios", "0.5", "--noise", "0.0", "0.2",
-            "--seeds", "0", "--train-steps", "2", "--train-width", "4"]
-    assert main(argv) == 0
-    rows = list(csv.DictReader(open(work / "results.csv")))
-    assert len(rows) == 8 and all(r["test_accuracy"] != "" for r in rows)
-    assert sorted((r["method"], r["ratio"], int(r["kept"])) for r in rows if r["noise"] == "0.2") == [
-        ("clipsel", "0.5", 9), ("full", "1.0", 18), ("moderate_ds", "0.5", 9), ("random", "0.5", 9)]
-    full = [r for r in rows if r["method"] == "full"]  # the reference keeps every sample, mislabeled ones too
-    assert [float(r["mislabeled_kept_frac"]) for r in full] == [float(r["mislabeled_full_frac"]) for r in full]
-    md = (work / "results.md").read_text()
-    assert (work / "results.png").stat().st_size > 1000
-    assert "| 20% | 50% | clipsel |" in md and "| 20% | 100% | full |" in md
-    assert len(list((work / "selections").glob("*.npz"))) == 8
-    assert main(argv) == 0  # a rerun finds every row done
-    assert len(list(csv.DictReader(open(work / "results.csv")))) == 8
-    capsys.readouterr()
-    assert main(argv[:-2] + ["--train-width", "8"]) == 2  # another setting is refused, never mixed in
-    assert "holds results of another setting" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_clip_folder, monkeypatch, capsys):
-    """Two workers may start the same row; the second to finish it must not append it again."""
-    import clipsel_jax.evaluate as ev
-    from clipsel_jax.evaluate.benchmark import FIELDS
-
-    work = tmp_path / "bench"
-    real = ev.train_classifier
-
-    def train_while_another_worker_finishes_the_row(*args, **kwargs):
-        result = real(*args, **kwargs)
-        with open(work / "results.csv", "a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow({"method": "random", "ratio": 0.5, "noise": 0.0, "seed": 0, "kept": 9,
-                                                "mislabeled_kept_frac": 0.0, "mislabeled_full_frac": 0.0,
-                                                "class_frac_min": 0.5, "class_frac_max": 0.5, "select_s": 0.0,
-                                                "test_accuracy": 0.5, "train_s": 1.0})
-        return result
-
-    monkeypatch.setattr(ev, "train_classifier", train_while_another_worker_finishes_the_row)
-    argv = ["bench", "--data", str(_fake_cifar_zip(tmp_path / "c.zip")), "--workdir", str(work), "--encoder",
-            str(tiny_clip_folder), "--methods", "random", "--ratios", "0.5", "--noise", "0.0", "--seeds", "0",
-            "--train-steps", "2", "--train-width", "4"]
-    assert main(argv) == 0
-    rows = list(csv.DictReader(open(work / "results.csv")))
-    assert [(r["method"], r["test_accuracy"]) for r in rows] == [("random", "0.5")]  # the other worker's row, once
-    assert "another worker wrote this row first" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -56,16 +56,26 @@ def random_subset(labels, num_classes: int, ratio: float, seed: int = 0, candida
     return np.sort(np.concatenate(keep))
 
 
+def moderate_ds_scores(features, labels, num_classes: int) -> np.ndarray:
+    """Moderate-DS's preference per sample (higher = kept first): minus the gap between the sample's distance to
+    its class centre (the median embedding) and the class's median distance."""
+    y, x = np.asarray(labels, np.int64), _normalized(features)
+    score = np.zeros(len(y))
+    for c in range(num_classes):
+        members = np.flatnonzero(y == c)
+        if len(members):
+            dist = np.linalg.norm(x[members] - np.median(x[members], axis=0), axis=1)
+            score[members] = -np.abs(dist - np.median(dist))
+    return score
+
+
 def moderate_ds(features, labels, num_classes: int, ratio: float, seed: int = 0) -> np.ndarray:
     y, k, quota = _setup(labels, num_classes, ratio)
-    x = _normalized(features)
+    score = moderate_ds_scores(features, y, num_classes)
     keep = []
     for c in range(num_classes):
         members = np.flatnonzero(y == c)
-        if quota[c] == 0:
-            continue
-        dist = np.linalg.norm(x[members] - np.median(x[members], axis=0), axis=1)
-        order = np.lexsort((members, np.abs(dist - np.median(dist))))
+        order = np.lexsort((members, -score[members]))
         keep.append(members[order[:quota[c]]])
     return np.sort(np.concatenate(keep))
 

@@ -7,15 +7,69 @@
   a black occlusion box, 4x down-then-up resolution, fog and motion blur (the Moderate-DS protocol).
 
 Every function returns the new data and per-sample flags, so evaluations can count what a selection kept.
+``NoiseSetting`` names one of these settings as the benchmark writes it: ``symmetric:0.2``, ``pair:0.4``,
+``corrupt:0.2`` or ``none``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
+from clipsel_jax.data.preprocess import as_rgb_batch
+
+NOISE_KINDS = ("none", "symmetric", "pair", "corrupt")
 CIFAR10_PAIRS = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}
 CORRUPTIONS = ("gaussian_noise", "occlusion", "low_resolution", "fog", "motion_blur")
+
+
+@dataclass(frozen=True)
+class NoiseSetting:
+    """What is wrong in a training set: `fraction` of its labels (symmetric, pair) or images (corrupt), or nothing."""
+
+    kind: str = "none"
+    fraction: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise kind {self.kind!r}; choose from {', '.join(NOISE_KINDS)}")
+        f = self.fraction
+        if not isinstance(f, (int, float, np.integer, np.floating)) or not np.isfinite(f):
+            raise ValueError(f"noise fraction must be a number, got {f!r}")
+        if self.kind == "none" and f != 0:
+            raise ValueError("noise kind 'none' takes no fraction")
+        if self.kind != "none" and not 0 < f < 1:
+            raise ValueError(f"{self.kind} noise fraction must be in (0, 1), got {f}")
+
+    @classmethod
+    def parse(cls, text: str) -> NoiseSetting:
+        """'none', 'KIND:FRACTION' (symmetric:0.2, pair:0.4, corrupt:0.2), or a bare fraction: symmetric label noise
+        (0 = none), the benchmark's earlier --noise form."""
+        text = str(text).strip()
+        kind, sep, frac = text.partition(":")
+        if not sep:
+            if kind == "none":
+                return cls()
+            try:
+                f = float(kind)
+            except ValueError:
+                raise ValueError(f"noise {text!r}: give none, KIND:FRACTION with KIND one of symmetric, pair, "
+                                 "corrupt (e.g. pair:0.4), or a symmetric fraction such as 0.2") from None
+            return cls() if f == 0 else cls("symmetric", f)
+        try:
+            f = float(frac)
+        except ValueError:
+            raise ValueError(f"noise {text!r}: the fraction after ':' must be a number, e.g. {kind}:0.2") from None
+        return cls(kind, f)
+
+    @property
+    def on_labels(self) -> bool:
+        return self.kind in ("symmetric", "pair")
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.fraction:g}"
 
 
 def _check_fraction(fraction: float) -> None:
@@ -130,13 +184,12 @@ _FUNCTIONS = {"gaussian_noise": gaussian_noise, "occlusion": occlusion, "low_res
 def corrupt_images(images: np.ndarray, fraction: float, seed: int = 0, kinds=CORRUPTIONS):
     """(corrupted copy of images, kind index per sample: -1 = untouched, else the index into `kinds`).
 
-    images: uint8 (N, H, W, 3). round(fraction * N) images are corrupted, split over `kinds` as equally as possible
-    (the first kinds get one more when it does not divide).
+    images: uint8 (N, H, W, 3), or grayscale (N, H, W) / (N, H, W, 1) (returned as RGB). round(fraction * N)
+    images are corrupted, split over `kinds` as equally as possible (the first kinds get one more when it does
+    not divide).
     """
     _check_fraction(fraction)
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"corrupt_images takes uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+    images = as_rgb_batch(images, "corrupt_images: images")
     unknown = [k for k in kinds if k not in _FUNCTIONS]
     if unknown or not kinds:
         raise ValueError(f"unknown corruption kinds {unknown}; choose from {list(CORRUPTIONS)}")

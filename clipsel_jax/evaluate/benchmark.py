@@ -1,19 +1,29 @@
-"""The selection-quality benchmark (`clipsel bench`, scripts/bench_quality.py): methods x keep ratios x
-label-noise settings x seeds on CIFAR-10, resumable.
+"""The selection-quality benchmark (`clipsel bench`, scripts/bench_quality.py): methods x keep ratios x noise
+settings x seeds on any labeled image data set with a test split, resumable.
 
-For each setting: the mislabeled fraction inside the kept subset, the per-class kept fractions' spread, the
-selection cost (seconds), and with --train-epochs > 0 the clean-test accuracy of the small CNN trained on the
-subset (clipsel_jax.evaluate; --train-steps gives every subset the same budget of SGD steps); method "full" trains
-on the whole training set, the reference every subset is measured against. Embeddings of the training images are
-computed once with the encoder (cached in --workdir, resumable); label noise is applied to the labels afterwards
-(it does not change the images). Each finished row is appended to results.csv at once (never twice, when several
-workers share the workdir), each finished selection is kept under selections/, and a rerun skips what is there.
-A markdown table (results.md) and a plot (results.png) are written at the end.
+Noise settings (``--noise``, clipsel_jax.data.noise.NoiseSetting): ``symmetric:F`` (F of the labels moved to another
+class drawn uniformly), ``pair:F`` (class-dependent: F of each listed class filed under its look-alike; CIFAR-10's
+standard pairs, or ``--pair-map``), ``corrupt:F`` (F of the images corrupted by the five kinds of
+noise.corrupt_images, labels clean), ``none``. The "noisy" samples are the mislabeled or corrupted ones.
 
-    clipsel bench --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \
-        [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting full] \
-        [--ratios 0.3 0.5 0.7] \
-        [--noise 0.0 0.2] [--seeds 0 1 2] [--train-steps 300 --train-width 16] [--limit N]
+For each setting the row holds: the noisy share of the kept subset; for methods that rank samples, the ROC-AUC of
+that ranking as a detector of the noisy samples (1 = every clean sample ranked above every noisy one, 0.5 =
+chance; clipsel and CCS: the alignment score SAS; confident learning: the probe's self-confidence; Moderate-DS:
+closeness to the class's median distance; EL2N / GraNd / Forgetting: the score, hardest kept first); the per-class
+kept fractions' spread; the selection's seconds; and with a training budget, the clean-test accuracy of each
+--archs model trained on the subset. Two references: ``full`` (every sample, at the same budget) and ``oracle`` (a
+random subset of the truly clean samples with the same class quotas: a perfect noise filter).
+
+The training images are embedded once with the encoder (cached in --workdir, resumable); label noise changes only
+the labels; corrupted images are embedded once per fraction and seed (only they: cached under corrupt/). Each
+finished row is appended to results.csv at once (never twice, when several workers share the workdir), each
+finished selection is kept under selections/, and a rerun skips what is there. A markdown table (results.md) and a
+plot (results.png) are written at the end.
+
+    clipsel bench --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \\
+        [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting full
+         oracle] [--ratios 0.3 0.5 0.7] [--noise symmetric:0.2 pair:0.4 corrupt:0.2 none] [--seeds 0 1 2] \\
+        [--train-steps 300 --train-width 16 --archs small_cnn resnet18]
 """
 
 from __future__ import annotations
@@ -23,284 +33,361 @@ import fcntl
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clipsel_jax.checks import arg_number
+from clipsel_jax.data.noise import NoiseSetting
 
-FIELDS = ["method", "ratio", "noise", "seed", "kept", "mislabeled_kept_frac", "mislabeled_full_frac",
+FIELDS = ["method", "arch", "ratio", "noise", "seed", "kept", "noisy_kept_frac", "noisy_full_frac", "detect_auc",
           "class_frac_min", "class_frac_max", "select_s", "test_accuracy", "train_s"]
+DYNAMICS = ("el2n", "grand", "forgetting")
+REFERENCES = ("full", "oracle")
+DEFAULT_METHODS = ["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs", "confident_learning", *DYNAMICS,
+                   "full", "oracle"]
 
 
-def load_images(source, limit=None) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
+def detection_auc(keep_score, noisy) -> float | None:
+    """ROC-AUC of a method's preference (higher = kept first) as a detector of the noisy samples: the chance that a
+    clean sample outranks a noisy one (ties count half). None when one of the two groups is empty."""
+    from scipy.stats import rankdata
 
-    n = len(source) if limit is None else min(limit, len(source))
-    with ThreadPoolExecutor(4) as pool:
-        return np.stack(list(pool.map(source.read, range(n))))
+    s, bad = np.asarray(keep_score, np.float64), np.asarray(noisy, bool)
+    n_bad, n_good = int(bad.sum()), int((~bad).sum())
+    if n_bad == 0 or n_good == 0:
+        return None
+    ranks = rankdata(s)  # 1 = lowest preference
+    return float((ranks[~bad].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--data", help="cifar10-jpeg.zip (train/ and test/ inside, <class>/<file>)")
+    g = ap.add_argument_group("data")
+    g.add_argument("--data", help="a folder or .zip holding train/ and test/ (or val/), at its top or in its one "
+                                  "top-level folder (CIFAR-10's and Tiny-ImageNet's zips); or the training split "
+                                  "(folder, zip, ZIP:inner/folder) with --test-data; or tfds:NAME")
+    g.add_argument("--test-data", help="the test split (folder, zip, ZIP:inner/folder), same class folders")
+    g.add_argument("--train-split", default="train", help="TFDS split to select from (tfds:NAME)")
+    g.add_argument("--test-split", default="test", help="TFDS split to test on (tfds:NAME)")
+    g.add_argument("--class-names", help="readable class names for the prompts: JSON list/object or words.txt-style "
+                                         "'id name' lines (Tiny-ImageNet's words.txt)")
+    g.add_argument("--config", help="a config file or packaged name (configs/): its data section is the training "
+                                    "split, its encoder, prompts, adapt, scores and selection sections set up the "
+                                    "encoder and clipsel; --data/--class-names/--encoder override it")
     ap.add_argument("--workdir", default="out/quality", help="results, caches (resumable)")
-    ap.add_argument("--encoder", default="offline")
-    ap.add_argument("--methods", nargs="+", default=["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs",
-                                                     "confident_learning", "el2n", "grand", "forgetting", "full"],
-                    help="'full' is the reference: the whole training set, one row per noise and seed (keep 1.0)")
+    ap.add_argument("--encoder", help="default: the config's, else offline")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                    help="'full' (every sample) and 'oracle' (a random subset of the clean samples, same class "
+                         "quotas) are the references; full is one row per noise and seed (keep 1.0)")
+
     def count(name, lo=1):
         return arg_number(name, lo=lo, integer=True)
 
+    def noise(text):
+        try:
+            return NoiseSetting.parse(text)
+        except ValueError as e:
+            import argparse
+
+            raise argparse.ArgumentTypeError(str(e)) from None
+
     ap.add_argument("--ratios", nargs="+", type=arg_number("ratio", lo=0, hi=1, lo_open=True),
                     default=[0.3, 0.5, 0.7])
-    ap.add_argument("--noise", nargs="+", type=arg_number("noise", lo=0, hi=1, hi_open=True), default=[0.0, 0.2],
-                    help="symmetric label-noise fractions")
+    ap.add_argument("--noise", nargs="+", type=noise, default=[NoiseSetting(), NoiseSetting("symmetric", 0.2)],
+                    help="noise settings: none, symmetric:F, pair:F, corrupt:F (a bare F is symmetric); "
+                         "default: none symmetric:0.2")
+    ap.add_argument("--pair-map", help="for pair noise on data sets other than CIFAR-10: a JSON object "
+                                       "{class: the class it is mistaken for} (class names as in the folders or "
+                                       "the readable names)")
     ap.add_argument("--seeds", nargs="+", type=count("seed", lo=0), default=[0, 1, 2])
+    ap.add_argument("--archs", nargs="+", default=["small_cnn"], choices=["small_cnn", "resnet18"],
+                    help="models trained on every subset (with a training budget)")
     ap.add_argument("--train-epochs", type=count("train_epochs", lo=0), default=0,
-                    help="train the small CNN this many epochs of each subset")
+                    help="train each --archs model this many epochs of each subset")
     ap.add_argument("--train-steps", type=count("train_steps", lo=0), default=0,
                     help="or a fixed budget of SGD steps (batch 128) for every subset, whatever its size")
-    ap.add_argument("--train-width", type=count("train_width"), default=32,
-                    help="small CNN width (also for the dynamics runs)")
+    ap.add_argument("--train-width", type=count("train_width"),
+                    help="width of the trained models (default: small CNN 32, ResNet-18 64; also the dynamics runs)")
     ap.add_argument("--dynamics-epochs", type=count("dynamics_epochs"), default=3,
                     help="length of the short run that scores EL2N / GraNd / Forgetting (cached per noise and seed)")
-    ap.add_argument("--limit", type=count("limit"), help="first N training images (class-sorted zip: use with care)")
+    ap.add_argument("--per-class", type=count("per_class"),
+                    help="only the first N training images of each class (a smaller, still balanced grid)")
+    ap.add_argument("--limit", type=count("limit"), help="first N training images (class-sorted folders: use with "
+                                                         "care; --per-class keeps every class)")
 
 
-def run(args) -> int:
-    """Run the grid (rows already in WORKDIR/results.csv are skipped); 0 when done."""
-    if not args.data:
-        raise ValueError("--data is required: the CIFAR-10 zip (cifar10-jpeg/train and cifar10-jpeg/test inside)")
-    # Checked before hours of work, not when the grid reaches the method.
+@dataclass
+class Noisy:
+    """One training set as a method sees it: labels and image features after the noise, and which are noisy."""
+    labels: np.ndarray
+    noisy: np.ndarray  # bool: mislabeled or corrupted
+    image_emb: np.ndarray
+    images: np.ndarray | None  # for training (corrupted ones replaced); None when nothing trains
+
+
+def _run_config(args):
+    """The RunConfig of --config with the bench's own data/encoder options on top."""
+    from clipsel_jax import config
+
+    given = {"data.path": args.data, "data.class_names": args.class_names, "encoder.name": args.encoder}
+    try:
+        nested = config.read_config_file(args.config) if args.config else {}
+        return config.build(nested, {k: v for k, v in given.items() if v is not None},
+                            where=f"config {args.config}" if args.config else "options")
+    except config.ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _check_methods(methods) -> None:
     import importlib.util
 
     from clipsel_jax.baselines import FEATURE_BASELINES
 
-    known = {"clipsel", "ccs", "confident_learning", "el2n", "grand", "forgetting", "full", *FEATURE_BASELINES}
-    unknown = [m for m in args.methods if m not in known]
+    known = {"clipsel", "ccs", *DYNAMICS, *REFERENCES, *FEATURE_BASELINES}
+    unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    if "confident_learning" in args.methods and not all(importlib.util.find_spec(m) for m in ("cleanlab", "sklearn")):
+    if "confident_learning" in methods and not all(importlib.util.find_spec(m) for m in ("cleanlab", "sklearn")):
         raise ValueError("the confident_learning baseline needs cleanlab and scikit-learn: pip install "
                          "'clipsel_jax[bench]', or leave confident_learning out of --methods")
 
-    import clipsel_jax as cs
-    from clipsel_jax import baselines as bl
-    from clipsel_jax.data.noise import symmetric_label_noise
-    from clipsel_jax.evaluate import TrainConfig, train_classifier
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    # Every training run compiles the same step program: keep the compiled executables across runs and reruns.
+def _pairs(args, names, stored):
+    """(class names the pairs are written in, {class: look-alike}) for pair noise."""
+    from clipsel_jax.data.noise import CIFAR10_PAIRS
+
+    if args.pair_map:
+        try:
+            pairs = json.loads(Path(args.pair_map).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--pair-map {args.pair_map!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--pair-map {args.pair_map}: not JSON ({e})") from None
+        if not isinstance(pairs, dict) or not pairs or not all(isinstance(v, str) for v in pairs.values()):
+            raise ValueError(f"--pair-map {args.pair_map}: expected a JSON object {{class: class}}")
+    else:
+        pairs = CIFAR10_PAIRS
+    used = {n for kv in pairs.items() for n in kv}
+    for space in (names, stored):
+        if used <= set(space):
+            return list(space), pairs
+    raise ValueError(f"pair noise: the pairs name classes this data set does not have "
+                     f"({sorted(used - set(names))[:5]}); " + ("fix --pair-map" if args.pair_map else
+                     "CIFAR-10's pairs are the default: give --pair-map FILE, a JSON object {class: the class it "
+                     "is mistaken for}, for other data sets"))
+
+
+def run(args) -> int:
+    """Run the grid (rows already in WORKDIR/results.csv are skipped); 0 when done."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    train = args.train_epochs or args.train_steps
-    train_cfg = TrainConfig(epochs=args.train_epochs, min_steps=args.train_steps, width=args.train_width)
+    import clipsel_jax as cs
+    from clipsel_jax.evaluate.splits import load_images, open_splits
+    from clipsel_jax.workdir_lock import hold_workdir
+
+    # Everything checked before hours of work, not when the grid reaches it.
+    _check_methods(args.methods)
+    cfg = _run_config(args)
+    splits = open_splits(cfg.data, args.test_data, args.train_split, args.test_split)
+    if any(n.kind == "pair" for n in args.noise):
+        pair_names, pairs = _pairs(args, splits.train.class_names, splits.stored_names)
+    budget = args.train_epochs or args.train_steps  # 0: no training, selection metrics only
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "selections").mkdir(exist_ok=True)
-    train = cs.data.image_folder(f"{args.data}:cifar10-jpeg/train")
-    enc = cs.load_encoder(args.encoder)
-    emb = cs.embed(train, enc, work, limit=args.limit)
-    clean, names, c = emb.labels, emb.class_names, len(emb.class_names)
     results = work / "results.csv"
-    # Rows of one results.csv must come from one setting: refuse to mix another encoder or training budget in.
-    setting = {"encoder": args.encoder, "limit": args.limit, "train_epochs": args.train_epochs,
+    # Rows of one results.csv come from one setting: refuse to mix another data set, encoder or budget in.
+    setting = {"data": splits.where, "class_names": cfg.data.class_names, "encoder": cfg.encoder.name or "offline",
+               "limit": args.limit, "per_class": args.per_class, "train_epochs": args.train_epochs,
                "train_steps": args.train_steps, "train_width": args.train_width,
-               "dynamics_epochs": args.dynamics_epochs}
+               "dynamics_epochs": args.dynamics_epochs, "pair_map": args.pair_map}
     setting_file = work / "setting.json"
     if setting_file.is_file() and json.loads(setting_file.read_text()) != setting:
         raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
                          f"use another --workdir for {json.dumps(setting)}")
-    setting_file.write_text(json.dumps(setting) + "\n")
-    def finished() -> set:  # rows already in results.csv (re-read before each row: several workers may share it)
-        if not results.is_file():
-            return set()
+    if results.is_file():
         with open(results) as f:
-            return {(r["method"], float(r["ratio"]), float(r["noise"]), int(r["seed"])) for r in csv.DictReader(f)}
-
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise ValueError(f"{results} has other columns ({','.join(header)}): written by an earlier clipsel "
+                             "bench; use another --workdir")
+    setting_file.write_text(json.dumps(setting) + "\n")
     if not results.is_file():
         with open(results, "w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
-    images = test = None
-    dyn_methods = {"el2n", "grand", "forgetting"}
-    if train or dyn_methods & set(args.methods):
-        test_src = cs.data.image_folder(f"{args.data}:cifar10-jpeg/test")
-        images, test = load_images(train, args.limit), (load_images(test_src), test_src.labels)
+    print(f"bench: {splits.where}; {len(splits.train)} training images, {len(splits.test)} test images, "
+          f"{len(splits.train.class_names)} classes", file=sys.stderr)
 
-    def dynamics(labels, noise, seed):
+    # Every training run compiles the same step program: keep the compiled executables across runs and reruns.
+    jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enc = cs.load_encoder(setting["encoder"])
+    prompts = list(cfg.embed.prompts)
+    with hold_workdir(work, wait=True):  # workers sharing the workdir embed once, the others wait for the cache
+        emb = cs.embed(splits.train, enc, work, prompts=prompts, limit=args.limit)
+    rows_kept = np.arange(len(emb.labels))
+    if args.per_class:
+        rows_kept = np.concatenate([np.flatnonzero(emb.labels == c)[:args.per_class]
+                                    for c in range(len(emb.class_names))])
+    base_emb, clean, ids = emb.image_emb[rows_kept], emb.labels[rows_kept], emb.ids[rows_kept]
+    names, c = emb.class_names, len(emb.class_names)
+    if emb.unreadable:
+        print(f"bench: {len(emb.unreadable)} unreadable training images left out (unreadable.json)", file=sys.stderr)
+
+    def finished() -> set:  # rows already in results.csv (re-read before each row: several workers may share it)
+        with open(results) as f:
+            return {(r["method"], r["arch"], float(r["ratio"]), r["noise"], int(r["seed"]))
+                    for r in csv.DictReader(f)}
+
+    corrupting = any(n.kind == "corrupt" for n in args.noise)
+    images = test = None
+    if budget or corrupting or set(DYNAMICS) & set(args.methods):
+        images = load_images(splits.train, ids)
+    if budget or set(DYNAMICS) & set(args.methods):
+        test = (load_images(splits.test), np.asarray(splits.test.labels))
+
+    def noisy_set(noise: NoiseSetting, seed: int) -> Noisy:
+        from clipsel_jax.data.noise import corrupt_images, pair_label_noise, symmetric_label_noise
+
+        if noise.kind == "symmetric":
+            labels, flipped = symmetric_label_noise(clean, c, noise.fraction, seed=seed)
+            return Noisy(labels, flipped, base_emb, images)
+        if noise.kind == "pair":
+            labels, flipped = pair_label_noise(clean, pair_names, noise.fraction, pairs, seed=seed)
+            return Noisy(labels, flipped, base_emb, images)
+        if noise.kind == "corrupt":  # only the corrupted images are embedded, once per fraction and seed
+            corrupted, kind = corrupt_images(images, noise.fraction, seed=seed)
+            bad = kind >= 0
+            rows = np.flatnonzero(bad)
+            cache = work / "corrupt" / f"{noise.fraction:g}_seed{seed}"
+            src = cs.data.from_arrays(corrupted[rows], clean[rows], names, ids=ids[rows])
+            with hold_workdir(cache, wait=True):
+                e = cs.embed(src, enc, cache, prompts=prompts)
+            image_emb = base_emb.copy()
+            image_emb[rows] = e.image_emb
+            return Noisy(clean, bad, image_emb, corrupted)
+        return Noisy(clean, np.zeros(len(clean), bool), base_emb, images)
+
+    def dynamics(data: Noisy, noise, seed):
         """EL2N / GraNd / Forgetting from one short run on the full (noisy) training set, cached."""
-        width = "" if args.train_width == 32 else f"_width{args.train_width}"
-        path = work / f"dynamics_noise{noise}_seed{seed}_epochs{args.dynamics_epochs}{width}.npz"
+        from clipsel_jax import baselines as bl
+        from clipsel_jax.evaluate import TrainConfig, train_classifier
+
+        width = "" if args.train_width is None else f"_width{args.train_width}"
+        path = work / f"dynamics_{str(noise).replace(':', '')}_seed{seed}_epochs{args.dynamics_epochs}{width}.npz"
         if not path.is_file():
-            r = train_classifier(images, labels, c, test[0], test[1], seed=seed, track_dynamics=True,
+            r = train_classifier(data.images, data.labels, c, test[0], test[1], seed=seed, track_dynamics=True,
                                  config=TrainConfig(epochs=args.dynamics_epochs, width=args.train_width),
                                  progress=True)
             np.savez(path, **bl.dynamics_scores([r.dynamics]))
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
-    per_labels: dict = {}  # (noise, seed) -> SAS and probe predictions, shared by the ratios
+    per_set: dict = {}  # SAS and probe predictions of the current noisy set, shared by the ratios
 
-    def run_method(method, ratio, noise, seed, labels):
-        st = per_labels.setdefault((noise, seed), {})
-        t0 = time.perf_counter()
+    def run_method(method, ratio, noise, seed, data: Noisy):
+        """(kept indices, seconds, the method's preference per sample or None)."""
+        from clipsel_jax import baselines as bl
+
+        st = per_set.setdefault((str(noise), seed), {})
+        labels, x = data.labels, data.image_emb
+        t0, score = time.perf_counter(), None
+
+        def sas():
+            if "sas" not in st:  # importance = misalignment (1 - SAS) from the method's adapted features
+                st["sas"] = clipsel(ratio).scores["sas"]
+            return st["sas"]
+
+        def clipsel(r):
+            return cs.select_from_embeddings(x, labels, emb.text_emb, r, seed=seed, adapter=cfg.adapt.build(),
+                                             balance=cfg.balance, k_fraction=cfg.scores.k_fraction,
+                                             reference_size=cfg.scores.reference_size, selection=cfg.selection)
+
         if method == "full":  # the reference: every sample, trained at the same budget
             idx = np.arange(len(labels))
+        elif method == "oracle":  # a perfect noise filter: clean samples only, the same class quotas
+            idx = bl.random_subset(labels, c, ratio, seed, candidates=np.flatnonzero(~data.noisy))
         elif method == "clipsel":
-            sel = cs.select_from_embeddings(emb.image_emb, labels, emb.text_emb, ratio, seed=seed)
-            idx = sel.indices
-            st["sas"] = sel.scores["sas"]
+            sel = clipsel(ratio)
+            idx, st["sas"] = sel.indices, sel.scores["sas"]
+            score = st["sas"]
         elif method == "ccs":
-            if "sas" not in st:  # importance = misalignment (1 - SAS) from the method's adapted features
-                st["sas"] = cs.select_from_embeddings(emb.image_emb, labels, emb.text_emb, ratio,
-                                                      seed=seed).scores["sas"]
-            idx = bl.ccs(1 - st["sas"], ratio, seed=seed)
-        elif method in dyn_methods:
-            idx = bl.hardest(dynamics(labels, noise, seed)[method], ratio, seed)
+            score = sas()
+            idx = bl.ccs(1 - score, ratio, seed=seed)
+        elif method in DYNAMICS:
+            score = dynamics(data, noise, seed)[method]
+            idx = bl.hardest(score, ratio, seed)
         elif method == "confident_learning":  # one cross-validated probe per label set, all ratios
             if "probs" not in st:
-                st["probs"] = bl.probe_predictions(emb.image_emb, labels, c, seed=seed)
-            idx = bl.confident_learning(emb.image_emb, labels, c, ratio, seed, pred_probs=st["probs"])
+                st["probs"] = bl.probe_predictions(x, labels, c, seed=seed)
+            idx = bl.confident_learning(x, labels, c, ratio, seed, pred_probs=st["probs"])
+            score = st["probs"][np.arange(len(labels)), labels]  # self-confidence
+        elif method == "moderate_ds":
+            idx = bl.moderate_ds(x, labels, c, ratio, seed)
+            score = bl.moderate_ds_scores(x, labels, c)
         else:
-            idx = bl.FEATURE_BASELINES[method](emb.image_emb, labels, c, ratio, seed)
-        return np.asarray(idx), time.perf_counter() - t0
+            idx = bl.FEATURE_BASELINES[method](x, labels, c, ratio, seed)
+        return np.asarray(idx), time.perf_counter() - t0, score
 
+    def write_row(row) -> None:
+        key = (row["method"], row["arch"], float(row["ratio"]), row["noise"], int(row["seed"]))
+        # Under a lock, and only if no other worker sharing the workdir finished the same row meanwhile.
+        with open(results, "a", newline="") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if key in finished():
+                print(f"{' '.join(map(str, key))}: another worker wrote this row first; not added twice",
+                      file=sys.stderr)
+                return
+            csv.DictWriter(f, FIELDS).writerow(row)
+        print(json.dumps(row), flush=True)
+
+    archs = list(args.archs) if budget else [""]
     for noise in args.noise:
         for seed in args.seeds:
-            labels, flipped = symmetric_label_noise(clean, c, noise, seed=seed)
-            # "full" (the whole training set) is one row per noise and seed, filed under keep ratio 1.0.
+            data = None  # made when the first unfinished row of this noise and seed needs it
             grid = [(r, m) for r in args.ratios for m in args.methods if m != "full"]
             grid += [(1.0, "full")] if "full" in args.methods else []
             for ratio, method in grid:
-                if (method, ratio, noise, seed) in finished():
+                todo = [a for a in archs if (method, a, ratio, str(noise), seed) not in finished()]
+                if not todo:
                     continue
+                if data is None:
+                    data = noisy_set(noise, seed)
+                    per_set.clear()
                 # A finished selection is kept, so a run killed during training does not select again.
-                dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in dyn_methods else ""
-                cached = work / "selections" / f"{method}{dyn}_r{ratio}_n{noise}_s{seed}.npz"
+                dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in DYNAMICS else ""
+                cached = work / "selections" / f"{method}{dyn}_r{ratio}_{str(noise).replace(':', '')}_s{seed}.npz"
                 if cached.is_file():
                     with np.load(cached) as z:
                         idx, select_s = z["indices"], float(z["select_s"])
+                        score = z["score"] if "score" in z.files else None
                 else:
-                    idx, select_s = run_method(method, ratio, noise, seed, labels)
-                    np.savez(cached, indices=idx, select_s=select_s)
+                    idx, select_s, score = run_method(method, ratio, noise, seed, data)
+                    np.savez(cached, indices=idx, select_s=select_s,
+                             **({} if score is None else {"score": score}))
+                labels = data.labels
                 frac = np.bincount(labels[idx], minlength=c) / np.maximum(np.bincount(labels, minlength=c), 1)
-                row = {"method": method, "ratio": ratio, "noise": noise, "seed": seed, "kept": len(idx),
-                       "mislabeled_kept_frac": round(float(flipped[idx].mean()), 5),
-                       "mislabeled_full_frac": round(float(flipped.mean()), 5),
+                auc = None if score is None else detection_auc(score, data.noisy)
+                row = {"method": method, "ratio": ratio, "noise": str(noise), "seed": seed, "kept": len(idx),
+                       "noisy_kept_frac": round(float(data.noisy[idx].mean()), 5),
+                       "noisy_full_frac": round(float(data.noisy.mean()), 5),
+                       "detect_auc": "" if auc is None else round(auc, 4),
                        "class_frac_min": round(float(frac.min()), 4), "class_frac_max": round(float(frac.max()), 4),
                        "select_s": round(select_s, 2), "test_accuracy": "", "train_s": ""}
-                if train:
-                    r = train_classifier(images, labels, c, test[0], test[1], indices=idx,
-                                         config=train_cfg, seed=seed)
-                    row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
-                # Under a lock, and only if no other worker sharing the workdir finished the same row meanwhile.
-                with open(results, "a", newline="") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                    if (method, ratio, noise, seed) in finished():
-                        print(f"{method} keep {ratio} noise {noise} seed {seed}: another worker wrote this row "
-                              "first; not added twice", file=sys.stderr)
-                        continue
-                    csv.DictWriter(f, FIELDS).writerow(row)
-                print(json.dumps(row), flush=True)
-    write_table(results, work / "results.md", names)
+                for arch in todo:
+                    row = {**row, "arch": arch}
+                    if budget:
+                        from clipsel_jax.evaluate import TrainConfig, train_classifier
+
+                        r = train_classifier(data.images, labels, c, test[0], test[1], indices=idx, seed=seed,
+                                             config=TrainConfig(model=arch, epochs=args.train_epochs,
+                                                                min_steps=args.train_steps, width=args.train_width))
+                        row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
+                    write_row(row)
+    from clipsel_jax.evaluate.tables import write_plot, write_table
+
+    write_table(results, work / "results.md")
     write_plot(results, work / "results.png")
     print(f"results: {results}, {work / 'results.md'}, {work / 'results.png'}", file=sys.stderr)
     return 0
-
-
-def write_table(results: Path, out: Path, names) -> None:
-    with open(results) as f:
-        rows = list(csv.DictReader(f))
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["noise"], r["ratio"], r["method"]), []).append(r)
-    lines = ["| noise | keep | method | mislabeled in kept (mean of seeds) | class kept min-max | test acc (mean ± sd) | "
-             "select s | seeds |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
-    for (noise, ratio, method), rs in sorted(groups.items()):
-        mis = np.mean([float(r["mislabeled_kept_frac"]) for r in rs])
-        acc = [float(r["test_accuracy"]) for r in rs if r["test_accuracy"]]
-        acc_s = f"{np.mean(acc):.2%}" + (f" ± {np.std(acc):.2%}" if len(acc) > 1 else "") if acc else "-"
-        lines.append(f"| {float(noise):.0%} | {float(ratio):.0%} | {method} | {mis:.2%} | "
-                     f"{min(float(r['class_frac_min']) for r in rs):.2f}-"
-                     f"{max(float(r['class_frac_max']) for r in rs):.2f} | "
-                     f"{acc_s} | "
-                     f"{np.mean([float(r['select_s']) for r in rs]):.1f} | {len(rs)} |")
-    lines += ["", "Per noise level: test accuracy, mean ± sd over seeds (mislabeled share of the kept set); the best "
-              "accuracy of each column in bold.", ""]
-    for noise in sorted({float(k[0]) for k in groups}):
-        ratios = sorted({float(k[1]) for k in groups if float(k[0]) == noise})
-        methods = sorted({k[2] for k in groups if float(k[0]) == noise})
-        cell, best = {}, {}
-        for (nz, ratio, method), rs in groups.items():
-            if float(nz) != noise:
-                continue
-            acc = [float(r["test_accuracy"]) for r in rs if r["test_accuracy"]]
-            mis = np.mean([float(r["mislabeled_kept_frac"]) for r in rs])
-            cell[(method, float(ratio))] = (np.mean(acc) if acc else None, np.std(acc) if acc else None, mis, len(rs))
-        for ratio in ratios:
-            accs = [v[0] for (m, r), v in cell.items() if r == ratio and v[0] is not None]
-            best[ratio] = max(accs) if accs else None
-        lines += [f"**{noise:.0%} label noise**", "",
-                  "| method | " + " | ".join(f"keep {r:.0%}" for r in ratios) + " |",
-                  "| --- |" + " ---: |" * len(ratios)]
-        for m in methods:
-            row = []
-            for r in ratios:
-                if (m, r) not in cell:
-                    row.append("-")
-                    continue
-                acc, sd, mis, seeds = cell[(m, r)]
-                a = "-" if acc is None else f"{acc:.2%} ± {sd:.2%}"
-                if acc is not None and acc == best[r]:
-                    a = f"**{a}**"
-                row.append(f"{a} ({mis:.2%}; {seeds} seed{'s' if seeds > 1 else ''})")
-            lines.append(f"| {m} | " + " | ".join(row) + " |")
-        lines.append("")
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text(), file=sys.stderr)
-
-
-def write_plot(results: Path, out: Path) -> None:
-    """Test accuracy vs keep ratio (when trained) and the mislabeled fraction of each kept set, per noise level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(results) as f:
-        rows = list(csv.DictReader(f))
-    noises = sorted({float(r["noise"]) for r in rows})
-    metrics = [("test_accuracy", "test accuracy"), ("mislabeled_kept_frac", "mislabeled fraction of the kept set")]
-    metrics = [m for m in metrics if any(r[m[0]] for r in rows)]
-    fig, axes = plt.subplots(len(metrics), len(noises), figsize=(5.5 * len(noises), 4 * len(metrics)),
-                             squeeze=False)
-    methods = sorted({r["method"] for r in rows})
-    for j, noise in enumerate(noises):
-        for i, (field, label) in enumerate(metrics):
-            ax = axes[i][j]
-            if field == "mislabeled_kept_frac" and noise == 0:
-                ax.text(0.5, 0.5, "no label noise", ha="center", va="center", transform=ax.transAxes)
-                ax.set_axis_off()
-                continue
-            for m in methods:
-                pts: dict = {}
-                for r in rows:
-                    if r["method"] == m and float(r["noise"]) == noise and r[field]:
-                        pts.setdefault(float(r["ratio"]), []).append(float(r[field]))
-                if pts and m == "full":  # a reference level, not a curve over ratios
-                    ax.axhline(np.mean(pts[1.0]), color="k", ls="--", lw=1, label="full set")
-                elif pts:
-                    xs = sorted(pts)
-                    ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs], marker="o",
-                                capsize=3, label=m, lw=2.5 if m == "clipsel" else 1)
-            ax.set_title(f"{noise:.0%} label noise")
-            ax.set_xlabel("keep ratio")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-

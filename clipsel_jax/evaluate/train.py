@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from clipsel_jax import parallel
+from clipsel_jax.data.preprocess import as_rgb_batch
 from clipsel_jax.evaluate.models import make_model
 
 
@@ -64,13 +65,14 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_cla
                      config: TrainConfig = TrainConfig(), seed: int = 0, mesh=None,
                      progress: bool = False, track_dynamics: bool = False) -> TrainResult:
     """Train `config.model` on train_images[indices] (all when None) with their (possibly noisy) labels;
-    return the accuracy on the test split. Images are uint8 (N, H, W, 3). track_dynamics: after every epoch,
+    return the accuracy on the test split. Images are uint8 (N, H, W, 3) or grayscale (N, H, W[, 1]). track_dynamics: after every epoch,
     score every trained sample (EL2N, GraNd, correctness) for the training-dynamics baselines."""
     t0 = time.perf_counter()
-    train_images, test_images = np.asarray(train_images), np.asarray(test_images)
-    for name, a in (("train_images", train_images), ("test_images", test_images)):
-        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
-            raise ValueError(f"{name} must be uint8 (N, H, W, 3), got {a.dtype} {a.shape}")
+    train_images = as_rgb_batch(train_images, "train_images")
+    test_images = as_rgb_batch(test_images, "test_images")
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(f"train and test images differ in size ({train_images.shape[1:3]} vs "
+                         f"{test_images.shape[1:3]}); resize one split to the other's size")
     idx = np.arange(len(train_images)) if indices is None else np.asarray(indices, np.int64)
     if len(idx) == 0:
         raise ValueError("the subset to train on is empty")
