@@ -60,17 +60,27 @@ def class_prompts(class_names: list[str], template: str = DEFAULT_TEMPLATE) -> l
 def readable_class_names(class_names: list[str], mapping_file: str) -> list[str]:
     """Prompt-friendly names for classes stored under ids (ImageNet / Tiny-ImageNet WordNet ids such as n01443537).
 
-    mapping_file: a JSON list (one name per class, in label order), a JSON object {stored name: readable name}, or a
+    mapping_file: a path (or ARCHIVE.zip:inner/path) to a JSON list (one name per class, in label order), a JSON object {stored name: readable name}, or a
     text file of "key<whitespace>name[, synonym, ...]" lines (Tiny-ImageNet's words.txt, ImageNet's
     LOC_synset_mapping.txt): the first synonym is used. Every class must be covered.
     """
     import json
     from pathlib import Path
 
-    path = Path(mapping_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file {mapping_file!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if ".zip:" in str(mapping_file):  # a file inside a zip, e.g. tiny-imagenet-200.zip:tiny-imagenet-200/words.txt
+        import zipfile
+
+        archive, inner = str(mapping_file).split(".zip:", 1)
+        try:
+            with zipfile.ZipFile(archive + ".zip") as zf:
+                text = zf.read(inner).decode("utf-8")
+        except (FileNotFoundError, KeyError, zipfile.BadZipFile) as e:
+            raise FileNotFoundError(f"class-name file {mapping_file!r} cannot be read: {e}") from None
+    else:
+        path = Path(mapping_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"class-name file {mapping_file!r} does not exist")
+        text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

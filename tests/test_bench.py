@@ -143,6 +143,12 @@ def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_
     assert rows["random"]["detect_auc"] == rows["oracle"]["detect_auc"] == ""
     md = (work / "results.md").read_text()
     assert "| 30% symmetric label noise | 50% | clipsel | - |" in md
+    # trained rows may join the selection-only ones (the selection is reused); then the budget is fixed
+    assert main(argv[:-12] + ["--methods", "random", "--ratios", "0.5", "--noise", "symmetric:0.3", "--seeds", "0",
+                              "--train-steps", "1", "--train-width", "4"]) == 0
+    trained = [r for r in _rows(work) if r["arch"] == "small_cnn"]
+    assert len(trained) == 1 and trained[0]["test_accuracy"] != "" and trained[0]["kept"] == "9"
+    assert main(argv) == 2  # a selection-only run now differs from the workdir's budget
 
 
 def test_bench_refuses_pair_noise_it_cannot_place_and_an_earlier_results_file(tmp_path, tiny_clip_folder, capsys):
@@ -232,3 +238,19 @@ def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_
     rows = _rows(work)
     assert [(r["method"], r["test_accuracy"]) for r in rows] == [("random", "0.5")]  # the other worker's row, once
     assert "another worker wrote this row first" in capsys.readouterr().err
+
+
+def test_bench_reads_tfds_splits_and_a_config(tmp_path, tiny_clip_folder):
+    """tfds:NAME with its train and test splits (mock data); --config gives the data and encoder, options override."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    work = tmp_path / "bench"
+    cfg = tmp_path / "my.py"
+    cfg.write_text(f"def get_config():\n    return dict(data=dict(path='tfds:cifar10'), "
+                   f"encoder=dict(name={str(tiny_clip_folder)!r}), adapt=dict(epochs=2))\n")
+    with tfds.testing.mock_data(num_examples=20):
+        assert main(["bench", "--config", str(cfg), "--workdir", str(work), "--methods", "clipsel", "oracle",
+                     "--ratios", "0.5", "--noise", "0.2", "--seeds", "0"]) == 0
+    rows = {r["method"]: r for r in _rows(work)}
+    assert rows["clipsel"]["kept"] == "10" and rows["oracle"]["noisy_kept_frac"] in ("0.0", "0.1")
+    setting = json.loads((work / "setting.json").read_text())
+    assert setting["data"] == "tfds:cifar10 splits train / test" and setting["encoder"] == str(tiny_clip_folder)

@@ -33,23 +33,28 @@ class ImageError(ValueError):
     """An image (or batch of images) that cannot be encoded; the message says which and why."""
 
 
-def as_rgb_batch(images, what: str = "images") -> np.ndarray:
-    """A batch of same-size images as uint8 (N, H, W, 3): grayscale (N, H, W) or (N, H, W, 1) is repeated over the
-    channels, RGBA composited onto white (as ``as_rgb_uint8``). ValueError naming `what` for anything else."""
-    a = np.asarray(images)
-    if a.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8 pixels, got dtype {a.dtype}; convert floats in [0, 1] with "
-                         "(x * 255).round().astype(np.uint8)")
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{what} must be (N, H, W) grayscale or (N, H, W, 1|3|4), got shape {a.shape}")
+def _channels_to_rgb(a: np.ndarray) -> np.ndarray:
+    """uint8 (..., C) with C in 1, 3, 4 -> (..., 3): gray repeated, alpha composited onto white."""
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
     if a.shape[-1] == 4:
         alpha = a[..., 3:4] / 255
         return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return a
+
+
+def as_rgb_batch(images, what: str = "images") -> np.ndarray:
+    """A batch of same-size images as uint8 (N, H, W, 3): grayscale (N, H, W) or (N, H, W, 1) is repeated over the
+    channels, RGBA composited onto white (as ``as_rgb_uint8``). ImageError naming `what` for anything else."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise ImageError(f"{what} must be uint8 pixels, got dtype {a.dtype}; convert floats in [0, 1] with "
+                         "(x * 255).round().astype(np.uint8)")
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"{what} must be (N, H, W) grayscale or (N, H, W, 1|3|4), got shape {a.shape}")
+    return _channels_to_rgb(a)
 
 
 def as_rgb_uint8(image, where: str = "image") -> np.ndarray:
@@ -73,12 +78,7 @@ def as_rgb_uint8(image, where: str = "image") -> np.ndarray:
         raise ImageError(f"{where}: expected shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageError(f"{where}: image has zero size {a.shape}")
-    if a.shape[-1] == 1:
-        return np.repeat(a, 3, axis=-1)
-    if a.shape[-1] == 4:
-        alpha = a[..., 3:4] / 255
-        return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return a
+    return _channels_to_rgb(a)
 
 
 def resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:

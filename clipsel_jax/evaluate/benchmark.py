@@ -203,9 +203,14 @@ def run(args) -> int:
                "train_steps": args.train_steps, "train_width": args.train_width,
                "dynamics_epochs": args.dynamics_epochs, "pair_map": args.pair_map}
     setting_file = work / "setting.json"
-    if setting_file.is_file() and json.loads(setting_file.read_text()) != setting:
-        raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
-                         f"use another --workdir for {json.dumps(setting)}")
+    if setting_file.is_file():
+        # Trained rows may be added to a workdir of selection-only rows (no budget yet), never mixed across budgets.
+        before = json.loads(setting_file.read_text())
+        untrained = not (before.get("train_epochs") or before.get("train_steps"))
+        training = {"train_epochs", "train_steps", "train_width"}
+        if any(before.get(k) != v for k, v in setting.items() if not (untrained and k in training)):
+            raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
+                             f"use another --workdir for {json.dumps(setting)}")
     if results.is_file():
         with open(results) as f:
             header = next(csv.reader(f), [])
