@@ -87,6 +87,8 @@ def test_find_splits_in_zips_and_folders(tmp_path):
     (tmp_path / "f").mkdir()
     f = _image_set(tmp_path / "f", top="tiny", test_name="validation", zip_it=False)
     assert find_splits(str(f)) == (f"{f / 'tiny'}/train", f"{f / 'tiny'}/validation")
+    s = open_splits(DataConfig(path=str(f), subdir="tiny/train"), test_data=str(f / "tiny" / "validation"))
+    assert len(s.train) == 18 and len(s.test) == 6  # a config's subdir inside a folder
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_splits(str(tmp_path / "missing.zip"))
     with pytest.raises(ValueError, match="no train/ and test/"):

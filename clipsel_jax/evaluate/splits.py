@@ -85,7 +85,9 @@ def open_splits(data, test_data: str | None = None, train_split: str = "train", 
         test = tfds_source(name, test_split, data_dir=data.tfds_data_dir)
         where = f"tfds:{name} splits {data.subdir or train_split} / {test_split}"
     else:
-        spec = f"{data.path}:{data.subdir}" if data.subdir else data.path
+        spec = data.path
+        if data.subdir:  # the folder inside a zip (ARCHIVE.zip:inner) or a folder
+            spec = f"{spec}:{data.subdir}" if spec.endswith(".zip") else str(Path(spec) / data.subdir)
         if test_data:
             train_spec, test_spec = spec, test_data
         else:
