@@ -72,7 +72,8 @@ def write_table(results: Path, out: Path) -> None:
                 accs = [np.mean(_floats(v, "test_accuracy")) for (m, r), v in cells.items()
                         if r == ratio and m not in ("oracle", "full") and _floats(v, "test_accuracy")]
                 best[ratio] = max(accs) if accs else None
-            lines += [f"**{describe(noise)}{', ' + arch if arch else ''}**", "",
+            what = arch or "selection only: the noisy share of the kept set, mean ± sd over seeds"
+            lines += [f"**{describe(noise)}, {what}**", "",
                       "| method | " + " | ".join(f"keep {r:.0%}" for r in ratios) + " |",
                       "| --- |" + " ---: |" * len(ratios)]
             for m in methods:
@@ -83,13 +84,18 @@ def write_table(results: Path, out: Path) -> None:
                         continue
                     rs = cells[(m, r)]
                     acc = _floats(rs, "test_accuracy")
+                    auc = _floats(rs, "detect_auc")
+                    seeds = f"{len(rs)} seed{'s' if len(rs) > 1 else ''}"
+                    if not arch:  # selection-only rows: the noisy share over the seeds is the measurement
+                        out_row.append(f"{_mean_sd(_floats(rs, 'noisy_kept_frac'))} ("
+                                       + (f"AUC {np.mean(auc):.3f}; " if auc else "") + f"{seeds})")
+                        continue
                     a = _mean_sd(acc)
                     if acc and best[r] is not None and np.mean(acc) == best[r] and m not in ("oracle", "full"):
                         a = f"**{a}**"
-                    auc = _floats(rs, "detect_auc")
                     extra = f"{np.mean(_floats(rs, 'noisy_kept_frac')):.2%}" + (f"; AUC {np.mean(auc):.3f}" if auc
                                                                                else "")
-                    out_row.append(f"{a} ({extra}; {len(rs)} seed{'s' if len(rs) > 1 else ''})")
+                    out_row.append(f"{a} ({extra}; {seeds})")
                 lines.append(f"| {m} | " + " | ".join(out_row) + " |")
             lines.append("")
     out.write_text("\n".join(lines) + "\n")
