@@ -25,6 +25,7 @@ from clip_fixtures import TINY, make_clip_folder, make_clip_folder_without_torch
 def tiny_clip(tmp_path_factory):
     """(folder, torch CLIPModel, tokenizer, image processor) for a tiny random CLIP with QuickGELU (needs torch:
     the parity tests; tiny_clip_folder is the same model's layout without torch)."""
+    pytest.importorskip("torch")
     folder = tmp_path_factory.mktemp("tiny_clip")
     return (folder, *make_clip_folder(folder, TINY, act="quick_gelu"))
 
@@ -38,15 +39,29 @@ def tiny_clip_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clip_folder_factory(tmp_path_factory):
-    """Builds (and caches) random CLIP folders keyed by their options."""
+    """Builds (and caches) random CLIP folders keyed by their options, with the torch model (the parity tests)."""
     made = {}
 
     def make(shapes=TINY, **kw):
+        pytest.importorskip("torch")
         key = (id(shapes), repr(sorted(kw.items())))
         if key not in made:
             folder = tmp_path_factory.mktemp("clip")
             made[key] = (folder, *make_clip_folder(folder, shapes, **kw))
         return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def np_clip_folder_factory(tmp_path_factory):
+    """Random tiny CLIP folders made without torch, one per seed (other weights, same layout)."""
+    made = {}
+
+    def make(seed=0):
+        if seed not in made:
+            made[seed] = make_clip_folder_without_torch(tmp_path_factory.mktemp("clip_np"), TINY, seed=seed)
+        return made[seed]
 
     return make
 

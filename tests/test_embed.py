@@ -24,12 +24,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:1 files in class folders are not
 
 
 @pytest.fixture(scope="module")
-def encoders(clip_folder_factory):
+def encoders(np_clip_folder_factory):
     """The same tiny CLIP on four devices and on one, and a different tiny CLIP (other weights)."""
-    folder = clip_folder_factory()[0]
+    folder = np_clip_folder_factory()
     four = cs.load_encoder(str(folder), batch_size=8)
     one = cs.load_encoder(str(folder), batch_size=8, mesh=parallel.data_mesh(jax.devices()[:1]))
-    other = cs.load_encoder(str(clip_folder_factory(seed=1)[0]), batch_size=8)
+    other = cs.load_encoder(str(np_clip_folder_factory(seed=1)), batch_size=8)
     assert four.mesh.devices.size == NDEV
     return four, one, other
 
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_without_recomputing(encoders, tmp_path):
     np.testing.assert_array_equal(out.ids, ref.ids)
 
 
-def test_killed_subprocess_resumes(encoders, clip_folder_factory, tmp_path):
+def test_killed_subprocess_resumes(encoders, np_clip_folder_factory, tmp_path):
     """SIGKILL a real run mid-way; the rerun keeps the finished chunk files and gives the uninterrupted result."""
     four = encoders[0]
     rng = np.random.default_rng(3)
@@ -153,7 +153,7 @@ def read_example(i):
     time.sleep(0.05)  # slow enough to be killed mid-way
     return slow(i)
 src.read_example = read_example
-enc = cs.load_encoder({str(clip_folder_factory()[0])!r}, batch_size=8)
+enc = cs.load_encoder({str(np_clip_folder_factory())!r}, batch_size=8)
 embed(src, enc, {str(work)!r}, chunk_size=8, threads=1, progress=False)
 print("finished")
 """

@@ -46,9 +46,9 @@ def test_hub_id_without_network_names_offline_alternatives(monkeypatch, tmp_path
     assert "save_pretrained" in msg and "OpenCLIP" in msg and "HF_HOME" in msg
 
 
-def test_hub_id_loads_from_cache_offline(monkeypatch, tmp_path, tiny_clip):
+def test_hub_id_loads_from_cache_offline(monkeypatch, tmp_path, tiny_clip_folder):
     """A hub repository already in the huggingface_hub cache loads with no network (HF_HUB_OFFLINE=1)."""
-    folder, *_ = tiny_clip
+    folder = tiny_clip_folder
     cache = tmp_path / "hub"
     repo = cache / "models--someorg--tiny-clip"
     snap = repo / "snapshots" / ("a" * 40)
@@ -73,15 +73,15 @@ def test_folder_without_config(tmp_path):
         cs.load_encoder(str(tmp_path))
 
 
-def test_folder_without_weights(tmp_path, tiny_clip):
-    d = copy_folder(tiny_clip[0], tmp_path / "m")
+def test_folder_without_weights(tmp_path, tiny_clip_folder):
+    d = copy_folder(tiny_clip_folder, tmp_path / "m")
     (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
         cs.load_encoder(str(d))
 
 
-def test_config_of_another_model(tmp_path, tiny_clip):
-    d = copy_folder(tiny_clip[0], tmp_path / "m")
+def test_config_of_another_model(tmp_path, tiny_clip_folder):
+    d = copy_folder(tiny_clip_folder, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "bert"
     (d / "config.json").write_text(json.dumps(cfg))
@@ -89,18 +89,18 @@ def test_config_of_another_model(tmp_path, tiny_clip):
         cs.load_encoder(str(d))
 
 
-def test_truncated_safetensors(tmp_path, tiny_clip):
-    d = copy_folder(tiny_clip[0], tmp_path / "m")
+def test_truncated_safetensors(tmp_path, tiny_clip_folder):
+    d = copy_folder(tiny_clip_folder, tmp_path / "m")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         cs.load_encoder(str(d))
 
 
-def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, tiny_clip):
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, tiny_clip_folder):
     from safetensors.numpy import load_file, save_file
 
-    d = copy_folder(tiny_clip[0], tmp_path / "m")
+    d = copy_folder(tiny_clip_folder, tmp_path / "m")
     sd = load_file(str(d / "model.safetensors"))
     del sd["text_model.encoder.layers.1.mlp.fc2.bias"]
     sd["vision_model.extra_head.weight"] = np.zeros(3, np.float32)
@@ -114,23 +114,23 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, tiny_clip)
     assert "wrong shape: visual_projection.weight (5, 7)" in msg
 
 
-def test_bad_tokenizer_spec(tiny_clip, tmp_path):
+def test_bad_tokenizer_spec(tiny_clip_folder, tmp_path):
     with pytest.raises(CheckpointError, match="could not load a CLIP tokenizer"):
-        cs.load_encoder(str(tiny_clip[0]), tokenizer=str(tmp_path / "nothing"))
+        cs.load_encoder(str(tiny_clip_folder), tokenizer=str(tmp_path / "nothing"))
 
 
-def test_bad_dtype(tiny_clip):
+def test_bad_dtype(tiny_clip_folder):
     import jax.numpy as jnp
 
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        cs.load_encoder(str(tiny_clip[0]), dtype=jnp.int8)
+        cs.load_encoder(str(tiny_clip_folder), dtype=jnp.int8)
 
 
 # ---- images and texts --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def enc(tiny_clip):
-    return cs.load_encoder(str(tiny_clip[0]))
+def enc(tiny_clip_folder):
+    return cs.load_encoder(str(tiny_clip_folder))
 
 
 @pytest.mark.parametrize("images, match", [
@@ -169,8 +169,8 @@ def test_overlong_text_is_truncated(enc):
     assert out.shape == (2, enc.text_dim) and np.isfinite(out).all()
 
 
-def test_corrupt_config_json_is_named(tmp_path, tiny_clip):
-    d = copy_folder(tiny_clip[0], tmp_path / "m")
+def test_corrupt_config_json_is_named(tmp_path, tiny_clip_folder):
+    d = copy_folder(tiny_clip_folder, tmp_path / "m")
     (d / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
         cs.load_encoder(str(d))

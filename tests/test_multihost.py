@@ -35,8 +35,8 @@ def run_two(commands, envs=(None, None), timeout=300) -> list[str]:
 pytestmark = pytest.mark.slow  # two JAX processes each: ~100 s
 
 
-def test_two_process_embedding_matches_one(tmp_path, clip_folder_factory):
-    model = str(clip_folder_factory()[0])
+def test_two_process_embedding_matches_one(tmp_path, np_clip_folder_factory):
+    model = str(np_clip_folder_factory())
     port = str(free_port())
     worker = Path(__file__).with_name("multihost_worker.py")
     run_two([[sys.executable, str(worker), str(i), port, str(tmp_path), model] for i in range(2)], timeout=240)

@@ -583,8 +583,8 @@ def make_folder(root, files: dict):
 
 
 @pytest.fixture(scope="module")
-def encoder(clip_folder_factory):
-    return cs.load_encoder(str(clip_folder_factory()[0]), batch_size=8)
+def encoder(np_clip_folder_factory):
+    return cs.load_encoder(str(np_clip_folder_factory()), batch_size=8)
 
 
 # -------------------------------------------------------------------------------------------------------------
