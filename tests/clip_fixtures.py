@@ -118,6 +118,10 @@ def make_clip_folder_without_torch(folder: Path, shapes=TINY, act: str = "quick_
             shape = (shape[3], shape[2], shape[0], shape[1])
         if leaf == "logit_scale":
             value = np.full(shape, np.log(1 / 0.07))  # CLIP's initial temperature
+        elif leaf == "kernel":  # variance-preserving (std 1/sqrt(fan-in)): images stay apart through the layers,
+            # so scores differ by more than float rounding (a 0.02 std gave nearly one feature for every image)
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
         else:  # layer norm scales near 1, everything else near 0: every tensor matters
             value = (1.0 if leaf == "scale" else 0.0) + 0.02 * rng.standard_normal(shape)
         tensors[_hf_name(path)] = np.asarray(value, np.float32)
