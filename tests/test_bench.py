@@ -194,7 +194,7 @@ def test_bench_noise_kinds_references_archs_and_resume(tmp_path, tiny_clip_folde
     from clipsel_jax.selection import class_quotas
 
     train = open_splits(DataConfig(path=str(data))).train
-    bad = corrupt_images(load_images(train), 0.5, seed=0)[1] >= 0
+    bad = corrupt_images(load_images(train)[0], 0.5, seed=0)[1] >= 0
     quota = class_quotas(train.labels, 3, 9)
     shortfall = sum(max(0, quota[k] - int((~bad[train.labels == k]).sum())) for k in range(3))
     assert by[("corrupt:0.5", "oracle", "small_cnn")]["noisy_kept_frac"] == str(round(shortfall / 9, 5))
@@ -256,3 +256,17 @@ def test_bench_reads_tfds_splits_and_a_config(tmp_path, tiny_clip_folder):
     assert rows["clipsel"]["kept"] == "10" and rows["oracle"]["noisy_kept_frac"] in ("0.0", "0.1")
     setting = json.loads((work / "setting.json").read_text())
     assert setting["data"] == "tfds:cifar10 splits train / test" and setting["encoder"] == str(tiny_clip_folder)
+
+
+def test_load_images_skips_unreadable_test_images_and_names_training_ones(tmp_path):
+    from clipsel_jax.evaluate.splits import load_images
+
+    (tmp_path / "f").mkdir()
+    root = _image_set(tmp_path / "f", top="", zip_it=False)
+    (root / "test" / "cat" / "0001.png").write_bytes(b"not a png")
+    s = open_splits(DataConfig(path=str(root)))
+    with pytest.warns(UserWarning, match="1 unreadable images"):
+        images, kept = load_images(s.test, skip_unreadable=True)
+    assert images.shape == (5, 32, 32, 3) and len(kept) == 5 and 3 not in kept.tolist()
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_images(s.test)

@@ -248,9 +248,11 @@ def run(args) -> int:
     corrupting = any(n.kind == "corrupt" for n in args.noise)
     images = test = None
     if budget or corrupting or set(DYNAMICS) & set(args.methods):
-        images = load_images(splits.train, ids)
+        position = {int(v): i for i, v in enumerate(splits.train.ids)}  # embedded samples' ids -> source positions
+        images = load_images(splits.train, [position[int(i)] for i in ids])[0]
     if budget or set(DYNAMICS) & set(args.methods):
-        test = (load_images(splits.test), np.asarray(splits.test.labels))
+        test_images, kept = load_images(splits.test, skip_unreadable=True)
+        test = (test_images, np.asarray(splits.test.labels)[kept])
 
     def noisy_set(noise: NoiseSetting, seed: int) -> Noisy:
         from clipsel_jax.data.noise import corrupt_images, pair_label_noise, symmetric_label_noise

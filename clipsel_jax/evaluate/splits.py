@@ -116,16 +116,37 @@ def open_splits(data, test_data: str | None = None, train_split: str = "train", 
     return Splits(train, test, where, stored)
 
 
-def load_images(source, ids=None, threads: int = 4) -> np.ndarray:
-    """Decode the images of `source` (those with the given sample ids, in that order; default all) into one uint8
-    (N, H, W, 3) array; ValueError when their sizes differ (the trainer needs one size)."""
+def load_images(source, positions=None, skip_unreadable: bool = False, threads: int = 4):
+    """Decode the images of `source` at the given positions (default all, in order) into one uint8 (N, H, W, 3)
+    array; returns (images, the positions decoded). An unreadable image is skipped with a warning when
+    `skip_unreadable` (the test split), else an error naming it; ValueError when the sizes differ (the trainer
+    needs one size)."""
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
-    ids = range(len(source)) if ids is None else [int(i) for i in ids]
+    from clipsel_jax.data import UnreadableImage
+
+    positions = np.arange(len(source)) if positions is None else np.asarray(positions, np.int64)
+
+    def read(i):
+        try:
+            return source.read(int(i))
+        except UnreadableImage as e:
+            if not skip_unreadable:
+                raise ValueError(f"{source.describe(int(i))} cannot be read: {e}") from None
+            return None
+
     with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(source.read, ids))
+        images = list(pool.map(read, positions))
+    ok = np.array([im is not None for im in images], bool)
+    if not ok.all():
+        warnings.warn(f"{int((~ok).sum())} unreadable images of {source!r} left out (first: "
+                      f"{source.describe(int(positions[~ok][0]))})", stacklevel=2)
+    images = [im for im in images if im is not None]
+    if not images:
+        raise ValueError(f"no readable images in {source!r}")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise ValueError(f"the images of {source!r} have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); "
                          "the benchmark trains on one size: resize the data set first")
-    return np.stack(images)
+    return np.stack(images), positions[ok]
