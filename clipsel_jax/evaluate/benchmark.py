@@ -202,13 +202,15 @@ def run(args) -> int:
                "limit": args.limit, "per_class": args.per_class, "train_epochs": args.train_epochs,
                "train_steps": args.train_steps, "train_width": args.train_width,
                "dynamics_epochs": args.dynamics_epochs, "pair_map": args.pair_map}
+    if args.config:  # its method sections drive clipsel (a key absent from earlier setting files reads as None)
+        setting["config"] = args.config
     setting_file = work / "setting.json"
     if setting_file.is_file():
         # Trained rows may be added to a workdir of selection-only rows (no budget yet), never mixed across budgets.
         before = json.loads(setting_file.read_text())
         untrained = not (before.get("train_epochs") or before.get("train_steps"))
         training = {"train_epochs", "train_steps", "train_width"}
-        if any(before.get(k) != v for k, v in setting.items() if not (untrained and k in training)):
+        if any(before.get(k) != setting.get(k) for k in {*before, *setting} if not (untrained and k in training)):
             raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
                              f"use another --workdir for {json.dumps(setting)}")
     if results.is_file():
