@@ -126,6 +126,7 @@ def test_grayscale_images_are_accepted_by_the_trainer_and_the_corruptions():
 # The command
 
 
+@pytest.mark.slow
 def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_clip_folder):
     """No --train-steps/--train-epochs: selection metrics only (this used to fail: the name holding the budget was
     rebound to the image source); grayscale images among the training ones; the clean oracle keeps no noisy one."""
@@ -153,6 +154,7 @@ def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_
     assert main(argv) == 2  # a selection-only run now differs from the workdir's budget
 
 
+@pytest.mark.slow
 def test_bench_refuses_pair_noise_it_cannot_place_and_an_earlier_results_file(tmp_path, tiny_clip_folder, capsys):
     data = _image_set(tmp_path / "c.zip", classes=("n01", "n02", "n03"))
     base = ["bench", "--data", str(data), "--encoder", str(tiny_clip_folder), "--methods", "random", "--seeds", "0",
@@ -242,6 +244,7 @@ def test_bench_workers_sharing_a_workdir_never_write_a_row_twice(tmp_path, tiny_
     assert "another worker wrote this row first" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_reads_tfds_splits_and_a_config(tmp_path, tiny_clip_folder):
     """tfds:NAME with its train and test splits (mock data); --config gives the data and encoder, options override."""
     tfds = pytest.importorskip("tensorflow_datasets")
