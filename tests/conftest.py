@@ -6,6 +6,20 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One compilation cache for the session and the subprocesses it starts: many tests compile the same small programs
+# (an adapter step, an SDS tile, a training step) from fresh closures, which jit's in-memory cache never reuses.
+# Each entry is keyed by the program's HLO and the compile options, so a hit is the same executable.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    _cache = tempfile.mkdtemp(prefix="clipsel_test_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import importlib.util  # noqa: E402
 
 # CUDA builds of torch ship triton, whose bundled LLVM clashes with TensorFlow's when TensorFlow is loaded first:

@@ -219,6 +219,7 @@ def test_cpu_devices_split_the_host_and_keep_the_selection(tmp_path):
                                   np.load(tmp_path / "four" / "selection.npz")["indices"])
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_defaults_to_one_cpu_device_per_core(monkeypatch):
     """No --cpu-devices: one JAX CPU device per core in a fresh process, unless the environment chose a count or
     names a multi-process run, or the host has an accelerator; in a process where JAX already runs, nothing
@@ -308,6 +309,7 @@ def test_embed_command_cache_and_prompt_ensemble(folder, tmp_path, tiny_clip_fol
     assert a["prompts"].tolist() == ["a cat", "a dog", "the cat", "the dog"] and a["text_emb"].shape == (2, 16)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("argv, message", [
     (["embed", "--encoder", "nowhere/nothing/x", "--data", "DATA", "--out", "o.npz"], "neither an existing folder"),
     (["embed", "--encoder", "ENC", "--data", "/no/such/folder", "--out", "o.npz"], "does not exist"),

@@ -134,6 +134,7 @@ def test_interrupted_run_resumes_without_recomputing(encoders, tmp_path):
     np.testing.assert_array_equal(out.ids, ref.ids)
 
 
+@pytest.mark.slow  # a subprocess
 def test_killed_subprocess_resumes(encoders, np_clip_folder_factory, tmp_path):
     """SIGKILL a real run mid-way; the rerun keeps the finished chunk files and gives the uninterrupted result."""
     four = encoders[0]

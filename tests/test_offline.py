@@ -137,6 +137,7 @@ print(json.dumps({"torch_imported": sys.modules.get("torch") is not None, "ident
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_weights_read_without_torch_equal_torch_load(enc, tmp_path):
     torch = pytest.importorskip("torch")
     pth = offline.efficientnet_file()

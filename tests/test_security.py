@@ -821,6 +821,7 @@ def busy_for_another_thread(workdir) -> bool:
     return out[0]
 
 
+@pytest.mark.slow  # a subprocess
 def test_second_run_is_refused_at_once_and_a_killed_holder_does_not_block(tmp_path):
     x, y, t = unaligned(seed=3, n=200)
     cfg = AdaptConfig(epochs=1, batch_size=100)
@@ -841,6 +842,7 @@ def test_second_run_is_refused_at_once_and_a_killed_holder_does_not_block(tmp_pa
     assert len(hist["loss"]) == 1
 
 
+@pytest.mark.slow  # a subprocess
 def test_wait_blocks_until_the_holder_is_done(tmp_path, capfd):
     x, y, t = unaligned(seed=3, n=200)
     holder = hold_in_another_process(tmp_path, 3)
@@ -917,6 +919,7 @@ except cs.WorkdirBusy as e:
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_two_concurrent_selections_in_one_workdir(tmp_path):
     """Started together on one workdir: one selects, the other is refused cleanly (before this lock the second died
     with FileNotFoundError on a checkpoint the first had removed)."""

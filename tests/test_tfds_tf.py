@@ -81,6 +81,7 @@ def test_reader_choice_and_errors(prepared):
         cs.data.tfds_source("tiny_images", reader="pandas")
 
 
+@pytest.mark.slow  # a subprocess
 def test_two_processes_match_one(prepared, tmp_path, tiny_clip_folder):
     """`clipsel embed --data tfds:...` of a TFRecord set as 2 processes x 2 CPU devices: the single-process result."""
     import os
