@@ -198,6 +198,7 @@ class Adapted:
     text: np.ndarray  # float32 (C, D): v_c = A_T(f_T(p_c))
     config: AdaptConfig | None  # the settings used (seed resolved); None: not adapted
     history: dict | None  # train_adapters' history (per-epoch loss, resumed_from); None: not adapted
+    logit_scale: float | None = None  # the adapters' learned temperature (CLIP's clamp at 100); None: not adapted
 
 
 def adapt(image_emb, labels, text_emb, cfg: AdaptConfig | None = AdaptConfig(), *, seed: int = 0,
@@ -213,4 +214,9 @@ def adapt(image_emb, labels, text_emb, cfg: AdaptConfig | None = AdaptConfig(), 
         cfg = dataclasses.replace(cfg, seed=seed)
     adapters, history = train_adapters(image_emb, labels, text_emb, cfg, workdir=workdir, mesh=mesh, progress=progress)
     u, v = apply_adapters(adapters, image_emb, text_emb)
-    return Adapted(u, v, cfg, history)
+    return Adapted(u, v, cfg, history, learned_scale(adapters))
+
+
+def learned_scale(adapters: Adapters) -> float:
+    """The temperature the adapters learned for their cosines, clamped at 100 as in training (and CLIP)."""
+    return float(min(np.exp(float(adapters.logit_scale[...])), 100.0))

@@ -19,6 +19,7 @@ message, no traceback), 1 an unexpected failure (rerun with --debug for the trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -116,6 +117,13 @@ def _method_args(p, adapt=True, score=True, select=True):
         _setting(g, "--shared-dim", "adapter output dim (default: min(image dim, text dim))", COUNT)
     if score:
         g = p.add_argument_group("scores")
+        _setting(g, "--method", "clipsel (default) or paper: the paper's text (cosine alignment, alpha = ratio, "
+                                "global top-k); --alignment, --alpha and --balance override either",
+                 choices=["clipsel", "paper"])
+        _setting(g, "--alignment", "alignment score: probability (of the label's prompt among all C; the default) or "
+                                   "cosine (the paper's SAS)", choices=["probability", "cosine"])
+        _setting(g, "--temperature", "the probability's temperature (default: the adapters' learned one; 100 "
+                                     "without adapters)", dict(lo=0, lo_open=True))
         _setting(g, "--k-fraction", "SDS neighbours as a fraction of the class", FRACTION)
         _setting(g, "--k-neighbors", "a fixed K instead of --k-fraction", COUNT)
         _setting(g, "--reference-threshold", "classes above this size measure SDS against a random reference sample",
@@ -125,8 +133,8 @@ def _method_args(p, adapt=True, score=True, select=True):
     if select:
         g = p.add_argument_group("selection")
         _setting(g, "--ratio", "fraction of the samples to keep, in (0, 1]", FRACTION)
-        _setting(g, "--balance", "class: each class keeps round(ratio * n_c); global: the paper's top-k overall",
-                 choices=["class", "global"])
+        _setting(g, "--balance", "class: each class keeps round(ratio * n_c) (clipsel's); global: the paper's top-k "
+                                 "overall", choices=["class", "global"])
         _setting(g, "--beta", "weight of the count constraint", dict(lo=0))
         _setting(g, "--max-steps", "optimiser steps at most", NATURAL)
         _setting(g, "--loop", "band: the optimiser on the samples around rank k (same result, far less work); "
@@ -334,10 +342,11 @@ def cmd_adapt(args) -> int:
     out = Path(args.out) if args.out else Path(cfg.workdir) / "adapted.npz"
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)
-        dataclasses.replace(e, image_emb=a.image, text_emb=a.text).save(out)
+        dataclasses.replace(e, image_emb=a.image, text_emb=a.text, logit_scale=a.logit_scale).save(out)
         loss = a.history["loss"]
         print(json.dumps({"out": str(out), "checkpoints": str(Path(cfg.workdir) / "adapters"),
                           "shared_dim": int(a.image.shape[1]), "epochs": len(loss),
+                          "logit_scale": round(a.logit_scale, 4),
                           "resumed_from": a.history.get("resumed_from"),
                           "final_loss": round(float(loss[-1]), 5) if loss else None,
                           "seconds": round(time.perf_counter() - t0, 1)}))
@@ -349,9 +358,12 @@ def cmd_score(args) -> int:
 
     import numpy as np
 
-    from clipsel_jax.scores import score_samples
+    from clipsel_jax.pipeline import method_settings
+    from clipsel_jax.scores import DEFAULT_TEMPERATURE, score_samples
 
     cfg = args.cfg
+    alignment, _, selection = method_settings(cfg.method, cfg.scores.alignment, cfg.balance, cfg.selection)
+    cfg = dataclasses.replace(cfg, selection=selection)
     if cfg.selection.alpha == "paper" and cfg.ratio is None:
         raise UsageError("--alpha paper sets alpha to the keep ratio: give --ratio too (or --alpha code / a number)")
     a = cfg.selection.alpha_for(cfg.ratio)
@@ -361,12 +373,15 @@ def cmd_score(args) -> int:
                          "not aligned; run `clipsel adapt` first and score its output")
     t0 = time.perf_counter()
     d = cfg.scores
-    sc = score_samples(e.image_emb, e.text_emb, e.labels, a, k=d.k_neighbors, k_fraction=d.k_fraction,
+    temperature = d.temperature or e.logit_scale or DEFAULT_TEMPERATURE  # adapted files carry the adapters' own
+    sc = score_samples(e.image_emb, e.text_emb, e.labels, a, alignment=alignment, temperature=temperature,
+                       k=d.k_neighbors, k_fraction=d.k_fraction,
                        reference_threshold=d.reference_threshold, reference_size=d.reference_size, seed=cfg.seed)
     out = Path(args.out)
     if _primary():
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sc.sas, sds=sc.sds, combined=sc.combined,
+        np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sc.sas, cosine=sc.cosine, sds=sc.sds,
+                 combined=sc.combined,
                  preferred_class=sc.preferred_class, sds_k=sc.diversity.k)
         with open(out, "w", newline="") as f:
             w = csv.writer(f)
@@ -376,7 +391,8 @@ def cmd_score(args) -> int:
                             e.class_names[sc.preferred_class[i]], f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}",
                             f"{sc.combined[i]:.6f}"])
         print(json.dumps({"out": str(out), "npz": str(out.with_suffix(".npz")), "samples": int(len(e.ids)),
-                          "alpha": a, "label_disagrees_with_preferred": int((sc.preferred_class != e.labels).sum()),
+                          "alpha": a, "alignment": alignment, "temperature": round(temperature, 4),
+                          "label_disagrees_with_preferred": int((sc.preferred_class != e.labels).sum()),
                           "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 

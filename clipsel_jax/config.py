@@ -5,9 +5,9 @@
       encoder    EncoderConfig    which encoder, and how to load it
       embed      EmbedConfig      prompts, batch, decoding workers, a debug limit
       adapt      AdaptConfig      dataset adaptation (clipsel_jax.adapt); kind "none" scores the raw features
-      scores     DiversityConfig  SDS's neighbours (clipsel_jax.scores)
+      scores     ScoresConfig     the alignment score, SDS's neighbours (clipsel_jax.scores)
       selection  SelectionConfig  the optimiser: alpha, beta, steps, loop (clipsel_jax.selection)
-      ratio, balance, seed, workdir
+      ratio, method, balance, seed, workdir
 
 Config files (``configs/*.py``, big_vision style) hold ``get_config()`` returning a dict of the same shape, e.g.
 ``dict(data=dict(path="tfds:cifar10"), adapt=dict(epochs=30), ratio=0.3)``; every key left out keeps its
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from clipsel_jax import checks
 from clipsel_jax.adapt import AdaptConfig
-from clipsel_jax.scores import DiversityConfig
+from clipsel_jax.pipeline import METHODS
+from clipsel_jax.scores import ScoresConfig
 from clipsel_jax.selection import SelectionConfig
 
 
@@ -111,23 +112,28 @@ class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     adapt: AdaptSection = field(default_factory=AdaptSection)
-    scores: DiversityConfig = field(default_factory=DiversityConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     ratio: float | None = None  # the fraction to keep, in (0, 1]; required to select
-    balance: str = "class"  # "class": each class keeps round(ratio * n_c); "global": the paper's top-k
+    method: str = "clipsel"  # "clipsel" | "paper": presets for alignment, balance and alpha left unset (None)
+    balance: str | None = None  # "class": each class keeps round(ratio * n_c); "global": the paper's top-k; None:
+    #                             the method's ("class" for clipsel)
     seed: int = 0
     workdir: str | None = None  # None: the command's own default (out/select, out/adapt, ...)
 
     def __post_init__(self):
         object.__setattr__(self, "ratio", checks.optional_number("ratio", self.ratio, lo=0, hi=1, lo_open=True))
         object.__setattr__(self, "seed", checks.number("seed", self.seed, lo=0, integer=True))
-        if self.balance not in ("class", "global"):
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.balance is not None and self.balance not in ("class", "global"):
             raise ConfigError(f"balance must be 'class' or 'global', got {self.balance!r}")
 
     def selection_options(self) -> dict:
         """Keyword arguments of pipeline.select_from_embeddings / pipeline.select for these settings."""
         s = self.scores
-        return dict(adapter=self.adapt.build(), balance=self.balance, k_neighbors=s.k_neighbors,
+        return dict(adapter=self.adapt.build(), method=self.method, alignment=s.alignment,
+                    temperature=s.temperature, balance=self.balance, k_neighbors=s.k_neighbors,
                     k_fraction=s.k_fraction, reference_threshold=s.reference_threshold,
                     reference_size=s.reference_size, selection=self.selection)
 
@@ -138,7 +144,7 @@ class RunConfig:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_TYPES = {"data": DataConfig, "encoder": EncoderConfig, "embed": EmbedConfig, "adapt": AdaptSection,
-                  "scores": DiversityConfig, "selection": SelectionConfig}
+                  "scores": ScoresConfig, "selection": SelectionConfig}
 
 # Command-line option (argparse dest) -> the field it sets. Options not listed here are not settings of the run
 # (--out, --quiet, --wait, ...).
@@ -150,11 +156,11 @@ OPTIONS = {
     "prompt": "embed.prompts", "batch_size": "embed.batch_size", "workers": "embed.workers", "limit": "embed.limit",
     "adapter": "adapt.kind", "adapter_loss": "adapt.loss", "adapter_epochs": "adapt.epochs", "adapter_lr": "adapt.lr",
     "adapter_batch": "adapt.batch_size", "shared_dim": "adapt.shared_dim",
-    "k_fraction": "scores.k_fraction", "k_neighbors": "scores.k_neighbors",
+    "alignment": "scores.alignment", "temperature": "scores.temperature", "k_fraction": "scores.k_fraction", "k_neighbors": "scores.k_neighbors",
     "reference_threshold": "scores.reference_threshold", "reference_size": "scores.reference_size",
     "alpha": "selection.alpha", "beta": "selection.beta", "max_steps": "selection.max_steps",
     "loop": "selection.loop",
-    "ratio": "ratio", "balance": "balance", "seed": "seed", "workdir": "workdir",
+    "ratio": "ratio", "method": "method", "balance": "balance", "seed": "seed", "workdir": "workdir",
 }
 
 
@@ -195,7 +201,7 @@ def build(nested: dict | None = None, overrides: dict | None = None, where: str 
         hints = [f"{k} (write {OPTIONS[k].split('.')[0]}=dict({OPTIONS[k].split('.')[1]}=...))"
                  for k in unknown if "." in OPTIONS.get(k, "")]
         raise ConfigError(f"{where}: unknown settings {', '.join(unknown)}; a config has the sections "
-                          f"{', '.join(_SECTION_TYPES)} and the settings ratio, balance, seed, workdir"
+                          f"{', '.join(_SECTION_TYPES)} and the settings ratio, method, balance, seed, workdir"
                           + (f"; for {', '.join(hints)}" if hints else ""))
     sections = {}
     for name, cls in _SECTION_TYPES.items():

@@ -47,12 +47,14 @@ class Embeddings:
     class_names: list[str]
     prompts: list[str]  # every prompt encoded (C per template)
     unreadable: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}, excluded from image_emb
+    logit_scale: float | None = None  # adapted features (`clipsel adapt`): the adapters' learned temperature
 
     def save(self, path) -> None:
+        extra = {} if self.logit_scale is None else {"logit_scale": np.float64(self.logit_scale)}
         np.savez(path, image_emb=self.image_emb, labels=self.labels, ids=self.ids, text_emb=self.text_emb,
                  class_names=np.array(self.class_names), prompts=np.array(self.prompts),
                  unreadable=np.array(json.dumps(self.unreadable)),
-                 unreadable_ids=np.array([u["id"] for u in self.unreadable], np.int64))
+                 unreadable_ids=np.array([u["id"] for u in self.unreadable], np.int64), **extra)
 
     @classmethod
     def load(cls, path) -> Embeddings:
@@ -64,8 +66,11 @@ class Embeddings:
                 if missing:
                     raise ValueError(f"it lacks {', '.join(missing)}")
                 unreadable = json.loads(str(z["unreadable"])) if "unreadable" in z.files else []
+                scale = None
+                if "logit_scale" in z.files:
+                    scale = checks.number("logit_scale", float(z["logit_scale"]), lo=0, lo_open=True)
                 e = cls(z["image_emb"], z["labels"], z["ids"], z["text_emb"], [str(c) for c in z["class_names"]],
-                        [str(p) for p in z["prompts"]], unreadable)
+                        [str(p) for p in z["prompts"]], unreadable, scale)
             e.validate()
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not a valid embeddings file of `clipsel embed`: {err}") from None

@@ -24,7 +24,7 @@ import numpy as np
 from clipsel_jax import checks, parallel
 from clipsel_jax.adapt import AdaptConfig, adapt
 from clipsel_jax.ckpt import Checkpointer
-from clipsel_jax.scores import DiversityConfig, diversity_settings, score_samples
+from clipsel_jax.scores import ALIGNMENTS, DEFAULT_TEMPERATURE, DiversityConfig, diversity_settings, score_samples
 from clipsel_jax.selection import SelectionConfig, optimise, rank_and_take
 from clipsel_jax.workdir import RunDir
 from clipsel_jax.workdir_lock import with_workdir_lock
@@ -34,8 +34,9 @@ from clipsel_jax.workdir_lock import with_workdir_lock
 class Selection:
     indices: np.ndarray  # sorted int64 indices of the kept samples, len == round(ratio * N)
     mask: np.ndarray  # bool (N,), True = kept
-    scores: dict  # float32 (N,): "sas" (cosine; higher = better aligned), "sds" (mean kNN distance; higher = more
-    #                diverse), "combined" (c of the loss; higher = kept first)
+    scores: dict  # float32 (N,): "sas" (the alignment score used: meta["alignment"]; higher = better aligned),
+    #                "cosine" (the paper's SAS), "sds" (mean kNN distance; higher = more diverse), "combined" (c of
+    #                the loss; higher = kept first)
     meta: dict = field(default_factory=dict)
     # int64 (N,): the class whose (adapted) prompt each image is closest to; != label marks a likely mislabel.
     preferred_class: np.ndarray | None = None
@@ -75,6 +76,24 @@ def _validate(image_emb, labels, text_emb, ratio):
     return image_emb, labels.astype(np.int64), np.asarray(text_emb, np.float32), ratio, k
 
 
+# The method's presets: what `method` sets when the call leaves a setting unset (None). "paper" is the paper's text:
+# the cosine SAS, alpha = r, one top-k over the whole data set (docs/method.md says where the default departs, why,
+# and the evidence).
+METHODS = {"clipsel": dict(alignment="probability", balance="class", alpha="code"),
+           "paper": dict(alignment="cosine", balance="global", alpha="paper")}
+
+
+def method_settings(method: str, alignment: str | None, balance: str | None,
+                    selection: SelectionConfig) -> tuple[str, str, SelectionConfig]:
+    """(alignment, balance, selection) with the unset ones (None) taken from `method`'s preset."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    preset = METHODS[method]
+    if selection.alpha is None:
+        selection = dataclasses.replace(selection, alpha=preset["alpha"])
+    return alignment or preset["alignment"], balance or preset["balance"], selection
+
+
 def alpha_value(alpha, ratio) -> float:
     """The diversity weight: "code" (0.1), "paper" (= ratio) or a number >= 0."""
     return SelectionConfig(alpha=alpha).alpha_for(ratio)
@@ -82,7 +101,9 @@ def alpha_value(alpha, ratio) -> float:
 
 @with_workdir_lock
 def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int = 0, *,
-                           adapter: AdaptConfig | None = AdaptConfig(), balance: str = "class",
+                           adapter: AdaptConfig | None = AdaptConfig(), method: str = "clipsel",
+                           alignment: str | None = None, temperature: float | None = None,
+                           balance: str | None = None,
                            alpha: float | str | None = None, beta: float | None = None, k_neighbors: int | None = None,
                            k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
                            reference_size: int = DiversityConfig.reference_size,
@@ -103,15 +124,24 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         The fraction to keep: k = round(ratio * N) samples are selected (k >= 1).
     seed : int >= 0
         Seeds the adapters (unless AdaptConfig.seed is set) and the SDS reference samples of large classes.
+    method : "clipsel" or "paper"
+        Presets for the settings left unset (None): "clipsel" (default): alignment "probability", balance "class",
+        alpha "code"; "paper": the paper's text: alignment "cosine", balance "global", alpha "paper" (= ratio).
+    alignment : "probability", "cosine" or None
+        The alignment score SAS in the combined score: "probability": softmax over the C prompts of
+        temperature * cos(u_i, v_c), at the label (it also sees how close the other classes' prompts are);
+        "cosine": the paper's cos(u_i, v_{y_i}). None: the method's.
+    temperature : float > 0 or None
+        The probability's temperature; None: the adapters' learned logit scale (100, CLIP's, without adapters).
     adapter : AdaptConfig or None
         How to train the image and text adapters (form, loss, epochs, lr, batch, seed). None (or epochs=0) scores
         the encoder's own features, which then must share one dim (an aligned CLIP).
-    balance : "class" or "global"
-        "class" (default): each class keeps round(ratio * n_c), adjusted to sum to k. "global": the paper's top-k
-        over the whole data set.
+    balance : "class", "global" or None
+        "class": each class keeps round(ratio * n_c), adjusted to sum to k. "global": the paper's top-k over the
+        whole data set. None: the method's ("class" for clipsel).
     alpha, beta : optional
         Shorthands for SelectionConfig(alpha=..., beta=...): the diversity weight ("code" = 0.1, "paper" = ratio,
-        or a number >= 0; default "code") and the count constraint's weight (default 2.0). Give them here or in
+        or a number >= 0; default: the method's) and the count constraint's weight (default 2.0). Give them here or in
         `selection`, not both.
     k_neighbors : int >= 1 or None
         SDS's K for every class; None: round(k_fraction * class size).
@@ -146,14 +176,17 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     t0 = time.perf_counter()
     image_emb, labels, text_emb, ratio, k = _validate(image_emb, labels, text_emb, ratio)
     timings = {"validate_s": time.perf_counter() - t0}
+    alignment, balance, sel_cfg = method_settings(method, alignment, balance, _selection_config(selection, alpha, beta))
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
+    temperature = checks.optional_number("temperature", temperature, lo=0, lo_open=True)
     # Every setting is checked before the first stage runs: a bad one never costs an adapter training.
     seed = checks.number("seed", seed, lo=0, integer=True)
     chunk_steps = checks.number("chunk_steps", chunk_steps, lo=1, integer=True)
     diversity = dict(zip(("k", "k_fraction", "reference_threshold", "reference_size"),
                          diversity_settings(k_neighbors, k_fraction, reference_threshold, reference_size)))
-    sel_cfg = _selection_config(selection, alpha, beta)
     n, num_classes = len(image_emb), len(text_emb)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if ids.shape != (n,):
@@ -167,7 +200,9 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     timings["adapt_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    sc = score_samples(adapted.image, adapted.text, labels, a, seed=seed, mesh=mesh, **diversity)
+    temperature = temperature or adapted.logit_scale or DEFAULT_TEMPERATURE
+    sc = score_samples(adapted.image, adapted.text, labels, a, alignment=alignment, temperature=temperature,
+                       seed=seed, mesh=mesh, **diversity)
     timings["score_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -182,7 +217,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     div = sc.diversity
     shrunk = np.nonzero(sizes - 1 < div.k_requested)[0]  # classes too small for K neighbours: K = size - 1
     meta = {
-        "n": n, "k": k, "ratio": ratio, "num_classes": num_classes, "seed": seed, "balance": balance,
+        "n": n, "k": k, "ratio": ratio, "num_classes": num_classes, "seed": seed, "method": method,
+        "alignment": alignment, "temperature": round(float(temperature), 6), "balance": balance,
         "alpha": a, "beta": sel_cfg.beta, "selection": dataclasses.asdict(sel_cfg),
         "adapter": dataclasses.asdict(adapted.config) if adapted.config is not None else None,
         "adapter_loss": adapted.history["loss"] if adapted.history else None,
@@ -197,7 +233,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
                     "total_s": round(time.perf_counter() - t0, 3)},
         "versions": {"jax": jax.__version__, "devices": mesh.devices.size},
     }
-    result = Selection(keep.astype(np.int64), mask, {"sas": sc.sas, "sds": sc.sds, "combined": sc.combined}, meta,
+    result = Selection(keep.astype(np.int64), mask,
+                       {"sas": sc.sas, "sds": sc.sds, "combined": sc.combined, "cosine": sc.cosine}, meta,
                        sc.preferred_class, ids)
     if workdir is not None:
         ck = Checkpointer(RunDir(workdir).selection_final, max_to_keep=1)

@@ -1,6 +1,9 @@
 """Sample scores of the method (docs/method.md, "Sample scores").
 
-Semantic Alignment Score  SAS_i = cos(u_i, v_{y_i}): does the (adapted) image match its label's (adapted) prompt?
+Semantic Alignment Score  does the (adapted) image match its label's (adapted) prompt? By default the probability
+                          that the image picks its label's prompt among all C prompts, softmax_c(t cos(u_i, v_c))
+                          at y_i (t: the adapters' learned temperature); alignment="cosine" is the paper's
+                          SAS_i = cos(u_i, v_{y_i}). docs/method.md, "Sample scores", says why and shows the evidence.
 Sample Diversity Score    SDS_i = mean Euclidean distance from u_i to its K nearest neighbours of the same class,
                           itself excluded (K = 10% of the class size by default). High = sparse region = diverse.
 
@@ -25,6 +28,8 @@ from jax.sharding import PartitionSpec as P
 from clipsel_jax import checks, parallel
 
 SQRT_2PI = math.sqrt(2 * math.pi)  # the normal density's normaliser: pdf(z) = exp(-z^2 / 2) / sqrt(2 pi)
+ALIGNMENTS = ("probability", "cosine")  # the alignment score: the default, and the paper's SAS
+DEFAULT_TEMPERATURE = 100.0  # CLIP's logit scale: the probability's temperature for features without adapters
 
 
 def l2_normalize(x, axis=-1):
@@ -100,21 +105,29 @@ def _closest_prompt(img, txt):
 
 
 def alignment_and_preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
-                                  chunk: int = checks.ROW_CHUNK, mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """(SAS, preferred class) in one pass over the features: semantic_alignment and preferred_class together
-    (each reads all N rows; at 1.28M x 512 a pass costs seconds on a CPU)."""
+                                  chunk: int = checks.ROW_CHUNK, mesh=None,
+                                  temperature: float = DEFAULT_TEMPERATURE) -> tuple[np.ndarray, ...]:
+    """(cosine SAS, label probability, preferred class) in one pass over the features (each pass reads all N rows;
+    at 1.28M x 512 a pass costs seconds on a CPU). The probability is softmax_c(temperature * cos(u, v_c)) at the
+    label: float32 (N,), like the cosine; the preferred class int64 (N,)."""
+    temperature = checks.number("temperature", temperature, lo=0, lo_open=True)
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
-    out = (np.empty(len(image_feats), np.float32), np.empty(len(image_feats), np.int64))
-    return _rows_by_chunks(_alignment_and_closest, (image_feats, np.asarray(labels)), (txt,), out, chunk, mesh)
+    out = (np.empty(len(image_feats), np.float32), np.empty(len(image_feats), np.float32),
+           np.empty(len(image_feats), np.int64))
+    return _rows_by_chunks(_alignment_and_closest, (image_feats, np.asarray(labels)),
+                           (txt, np.float32(temperature)), out, chunk, mesh)
 
 
 @jax.jit
-def _alignment_and_closest(img, labels, txt):
-    # One product with every (unit) prompt gives both: SAS is the label's column over the image's norm, the
-    # preferred class its argmax (a positive per-row scale changes no argmax). No normalised copy of the chunk.
+def _alignment_and_closest(img, labels, txt, temperature):
+    # One product with every (unit) prompt gives all three: the cosine is the label's column over the image's norm,
+    # the probability a softmax of the scaled cosines, the preferred class the argmax (a positive per-row scale
+    # changes no argmax). No normalised copy of the chunk.
     dots = jnp.dot(img, txt.T, precision="highest")
-    norm = jnp.maximum(jnp.linalg.norm(img, axis=-1), 1e-12)
-    return jnp.take_along_axis(dots, labels[:, None], axis=1)[:, 0] / norm, jnp.argmax(dots, axis=-1)
+    cos = dots / jnp.maximum(jnp.linalg.norm(img, axis=-1), 1e-12)[:, None]
+    own = jnp.take_along_axis(cos, labels[:, None], axis=1)[:, 0]
+    prob = jnp.take_along_axis(jax.nn.softmax(temperature * cos, axis=-1), labels[:, None], axis=1)[:, 0]
+    return own, prob, jnp.argmax(dots, axis=-1)
 
 
 @dataclass
@@ -262,18 +275,28 @@ def _gather_rows(feats: np.ndarray, idx: np.ndarray, rows: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class DiversityConfig:
-    """SDS's settings, each default written here once (the functions below and the CLI read them)."""
+class ScoresConfig:
+    """The scoring stage's settings, each default written here once (the functions below and the CLI read them):
+    the alignment score, and SDS's neighbours."""
+    alignment: str | None = None  # "probability" | "cosine" (the paper's SAS); None: the method's (probability)
+    temperature: float | None = None  # the probability's; None: the adapters' learned one (100 without adapters)
     k_fraction: float = 0.1  # K = round(k_fraction * class size): the paper's 10%
     k_neighbors: int | None = None  # a fixed K for every class instead
     reference_threshold: int | None = None  # classes larger than this measure SDS against a random reference ...
     reference_size: int = 4096  # ... of this many members (memory for huge classes)
 
     def __post_init__(self):
+        if self.alignment is not None and self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {self.alignment!r}")
+        object.__setattr__(self, "temperature",
+                           checks.optional_number("temperature", self.temperature, lo=0, lo_open=True))
         checked = diversity_settings(self.k_neighbors, self.k_fraction, self.reference_threshold,
                                      self.reference_size)
         for name, value in zip(("k_neighbors", "k_fraction", "reference_threshold", "reference_size"), checked):
             object.__setattr__(self, name, value)  # frozen: numpy scalars become Python numbers
+
+
+DiversityConfig = ScoresConfig  # its name before the alignment settings joined it
 
 
 def diversity_settings(k, k_fraction, reference_threshold, reference_size) -> tuple:
@@ -391,14 +414,18 @@ def combined_score(sas, sds, alpha):
 class Scores:
     """The scoring stage's output, one entry per sample (N,) unless said."""
 
-    sas: np.ndarray  # float32: cosine of the image and its label's prompt (higher = better aligned)
+    sas: np.ndarray  # float32: the alignment score in c (higher = better aligned): `alignment`'s
+    cosine: np.ndarray  # float32: cosine of the image and its label's prompt (the paper's SAS)
     sds: np.ndarray  # float32: mean distance to the K nearest same-class neighbours (higher = more diverse)
     combined: np.ndarray  # float32: c = SAS / mean(SAS) + alpha * SDS / mean(SDS), min-max normalised scores
     preferred_class: np.ndarray  # int64: the class whose prompt the image is closest to
     diversity: DiversityInfo  # K and reference size per class (C,)
+    alignment: str = "probability"  # which score `sas` holds
+    temperature: float = DEFAULT_TEMPERATURE  # the probability's temperature
 
 
-def score_samples(u, v, labels, alpha: float, *, k: int | None = None,
+def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
+                  temperature: float = DEFAULT_TEMPERATURE, k: int | None = None,
                   k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
                   reference_size: int = DiversityConfig.reference_size, seed: int = 0,
                   mesh=None) -> Scores:
@@ -406,9 +433,14 @@ def score_samples(u, v, labels, alpha: float, *, k: int | None = None,
 
     u: float (N, D) image features; v: float (C, D) class prompt features in the same space (adapted, or CLIP's
     own); labels: int (N,) in 0..C-1; alpha: the diversity weight (a number; see pipeline.alpha_value for the
-    rules); k, k_fraction, reference_threshold, reference_size: SDS's neighbours (see sample_diversity); seed: the
+    rules); alignment: "probability" (softmax over the C prompts of temperature * cosine, at the label) or
+    "cosine" (the paper's SAS); temperature: the probability's (the adapters' learned logit scale in the pipeline);
+    k, k_fraction, reference_threshold, reference_size: SDS's neighbours (see sample_diversity); seed: the
     reference samples of large classes. Raises StageOutputError if any score is NaN or inf."""
-    sas, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh)
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
+    cosine, prob, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh, temperature=temperature)
+    sas = prob if alignment == "probability" else cosine
     sds, div = sample_diversity(u, labels, len(v), k_fraction=k_fraction, k=k,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
                                 mesh=mesh)
@@ -416,4 +448,5 @@ def score_samples(u, v, labels, alpha: float, *, k: int | None = None,
     for name, x in (("SAS", sas), ("SDS", sds), ("the combined score", c)):
         checks.finite_output("scoring", name, x, "features too large for float32 distances (rescale the embeddings), "
                                                  "or NaN/inf in features given without adapters")
-    return Scores(sas.astype(np.float32), sds.astype(np.float32), c.astype(np.float32), preferred, div)
+    return Scores(sas.astype(np.float32), cosine.astype(np.float32), sds.astype(np.float32), c.astype(np.float32),
+                  preferred, div, alignment, float(temperature))

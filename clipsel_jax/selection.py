@@ -60,7 +60,9 @@ straight_through_mask.defvjp(_ste_fwd, _ste_bwd)
 class SelectionConfig:
     temperature: float = 100.0  # T in sigmoid(T d)
     init: float = 0.01  # d_0: every sample starts selected
-    alpha: float | str = "code"  # weight of diversity: "code" (0.1, the authors' code), "paper" (= ratio), a number
+    # weight of diversity: "code" (0.1, the authors' code), "paper" (= ratio), a number; None: the method's
+    # (pipeline.METHODS: "code" for clipsel, "paper" for the paper's method)
+    alpha: float | str | None = None
     beta: float = 2.0  # weight of the count constraint
     lr: float = 1e-3
     momentum: float = 0.9
@@ -71,7 +73,7 @@ class SelectionConfig:
 
     def alpha_for(self, ratio: float) -> float:
         """The diversity weight alpha at this keep ratio."""
-        if self.alpha == "code":
+        if self.alpha in ("code", None):
             return 0.1
         return float(ratio) if self.alpha == "paper" else self.alpha
 
@@ -90,7 +92,7 @@ class SelectionConfig:
                   "max_steps": dict(lo=0, integer=True), "band_margin": dict(lo=0, integer=True)}
         for name, b in bounds.items():  # frozen: checked values are written back (numpy scalars become Python's)
             object.__setattr__(self, name, checks.number(f"SelectionConfig.{name}", getattr(self, name), **b))
-        if not isinstance(self.alpha, str):
+        if not isinstance(self.alpha, str) and self.alpha is not None:
             object.__setattr__(self, "alpha", checks.number("alpha", self.alpha, lo=0))
         object.__setattr__(self, "tolerance", checks.optional_number("SelectionConfig.tolerance", self.tolerance,
                                                                      lo=0))

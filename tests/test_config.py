@@ -41,7 +41,7 @@ def test_defaults_are_the_dataclasses(tmp_path):
     """No option, no config: every setting is its dataclass default (the CLI writes none of its own)."""
     c = _parse(["select"]).cfg
     assert c.adapt.build() == AdaptConfig() and c.selection == SelectionConfig() and c.scores == DiversityConfig()
-    assert c.ratio is None and c.seed == 0 and c.balance == "class" and c.embed.prompts == ("A photo of a {}.",)
+    assert c.ratio is None and c.seed == 0 and c.method == "clipsel" and c.balance is None and c.embed.prompts == ("A photo of a {}.",)
     # the library's functions default to the same values
     assert score_samples.__kwdefaults__["k_fraction"] == DiversityConfig.k_fraction
     assert sample_diversity.__kwdefaults__["reference_size"] == DiversityConfig.reference_size

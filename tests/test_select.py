@@ -151,7 +151,7 @@ def test_exact_k_and_class_balanced_counts(ratio, balance):
     assert sel.meta["kept_per_class"] == kept.tolist()
     if balance == "class":
         np.testing.assert_array_equal(kept, class_quotas(y, 5, k))
-    assert set(sel.scores) == {"sas", "sds", "combined"}
+    assert set(sel.scores) == {"sas", "cosine", "sds", "combined"}
     assert all(v.shape == (len(y),) and v.dtype == np.float32 for v in sel.scores.values())
 
 
@@ -256,6 +256,51 @@ def test_alpha_rules():
     assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None).meta["alpha"] == 0.1
     assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None, alpha="paper").meta["alpha"] == 0.3
     assert cs.select_from_embeddings(x, y, text, 0.3, adapter=None, alpha=0.5).meta["alpha"] == 0.5
+
+
+def test_probability_alignment_drops_the_image_another_prompt_claims():
+    """The default alignment is the probability of the label's prompt among all: a mislabeled image close to its
+    label's prompt but closer to another class's is dropped before a clean but atypical one. The paper's cosine
+    keeps the mislabeled one (it is nearer its label's prompt in absolute terms)."""
+    t = np.eye(3, dtype=np.float32)[:2]  # two prompts: axes 0 and 1
+    typical = np.array([[1, 0, 0.2], [1, 0.1, 0.2], [1, 0, 0.3], [1, 0.1, 0.1]], np.float32)
+    mislabeled = np.array([[0.5, 1, 0]], np.float32)  # labeled 0; cos 0.45 to prompt 0, 0.89 to prompt 1
+    atypical = np.array([[0.4, 0, 1]], np.float32)  # labeled 0; cos 0.37 to prompt 0, 0 to prompt 1
+    x = np.concatenate([typical, mislabeled, atypical, -typical[:, [1, 0, 2]] * [-1, -1, 1]])
+    y = np.array([0] * 6 + [1] * 4)
+    kw = dict(adapter=None, balance="class", alpha=0.0)
+    ours = cs.select_from_embeddings(x, y, t, 0.8, **kw)
+    paper = cs.select_from_embeddings(x, y, t, 0.8, alignment="cosine", **kw)
+    assert ours.mask[5] and not ours.mask[4]  # atypical kept, mislabeled dropped
+    assert paper.mask[4] and not paper.mask[5]
+    assert ours.meta["alignment"] == "probability" and ours.meta["temperature"] == 100.0  # CLIP's, no adapters
+    np.testing.assert_allclose(paper.scores["sas"], ours.scores["cosine"], rtol=1e-6)
+    e = np.exp(100.0 * (x[:6] / np.linalg.norm(x[:6], axis=1, keepdims=True)) @ t.T)
+    np.testing.assert_allclose(ours.scores["sas"][:6], e[:, 0] / e.sum(1), rtol=1e-4, atol=1e-6)
+
+
+def test_paper_method_is_one_option_away():
+    """method="paper": the cosine alignment, alpha = ratio, one top-k over the whole set; an explicit setting wins
+    over the preset; the same as giving the three settings."""
+    x, y, text, _ = noisy_clusters(n_per=60, seed=12, classes=3)
+    paper = cs.select_from_embeddings(x, y, text, 0.4, adapter=None, method="paper")
+    spelled = cs.select_from_embeddings(x, y, text, 0.4, adapter=None, alignment="cosine", balance="global",
+                                        alpha="paper")
+    np.testing.assert_array_equal(paper.indices, spelled.indices)
+    m = paper.meta
+    assert (m["method"], m["alignment"], m["balance"], m["alpha"]) == ("paper", "cosine", "global", 0.4)
+    ours = cs.select_from_embeddings(x, y, text, 0.4, adapter=None).meta
+    assert (ours["method"], ours["alignment"], ours["balance"], ours["alpha"]) == ("clipsel", "probability",
+                                                                                  "class", 0.1)
+    mixed = cs.select_from_embeddings(x, y, text, 0.4, adapter=None, method="paper", balance="class").meta
+    assert mixed["balance"] == "class" and mixed["alignment"] == "cosine"
+    with pytest.raises(ValueError, match="method must be one of clipsel, paper"):
+        cs.select_from_embeddings(x, y, text, 0.4, adapter=None, method="papr")
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        cs.select_from_embeddings(x, y, text, 0.4, adapter=None, alignment="dot")
+    for bad in (0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            cs.select_from_embeddings(x, y, text, 0.4, adapter=None, temperature=bad)
 
 
 def test_selection_config_is_used():

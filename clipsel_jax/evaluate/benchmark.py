@@ -45,8 +45,8 @@ FIELDS = ["method", "arch", "ratio", "noise", "seed", "kept", "noisy_kept_frac",
           "class_frac_min", "class_frac_max", "select_s", "test_accuracy", "train_s"]
 DYNAMICS = ("el2n", "grand", "forgetting")
 REFERENCES = ("full", "oracle")
-DEFAULT_METHODS = ["clipsel", "random", "moderate_ds", "herding", "k_center", "ccs", "confident_learning", *DYNAMICS,
-                   "full", "oracle"]
+DEFAULT_METHODS = ["clipsel", "clipsel_paper", "random", "moderate_ds", "herding", "k_center", "ccs",
+                   "confident_learning", *DYNAMICS, "full", "oracle"]
 
 
 def detection_auc(keep_score, noisy) -> float | None:
@@ -144,7 +144,7 @@ def _check_methods(methods) -> None:
 
     from clipsel_jax.baselines import FEATURE_BASELINES
 
-    known = {"clipsel", "ccs", *DYNAMICS, *REFERENCES, *FEATURE_BASELINES}
+    known = {"clipsel", "clipsel_paper", "ccs", *DYNAMICS, *REFERENCES, *FEATURE_BASELINES}
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
@@ -309,9 +309,11 @@ def run(args) -> int:
             return st["sas"]
 
         def clipsel(r):
-            return cs.select_from_embeddings(x, labels, emb.text_emb, r, seed=seed, adapter=cfg.adapt.build(),
-                                             balance=cfg.balance, k_fraction=cfg.scores.k_fraction,
-                                             reference_size=cfg.scores.reference_size, selection=cfg.selection)
+            return cs.select_from_embeddings(x, labels, emb.text_emb, r, seed=seed, **cfg.selection_options())
+
+        def paper(r):  # the paper's method: the config's settings with method="paper"
+            return cs.select_from_embeddings(x, labels, emb.text_emb, r, seed=seed,
+                                             **{**cfg.selection_options(), "method": "paper"})
 
         if method == "full":  # the reference: every sample, trained at the same budget
             idx = np.arange(len(labels))
@@ -321,6 +323,9 @@ def run(args) -> int:
             sel = clipsel(ratio)
             idx, st["sas"] = sel.indices, sel.scores["sas"]
             score = st["sas"]
+        elif method == "clipsel_paper":
+            sel = paper(ratio)
+            idx, score = sel.indices, sel.scores["sas"]
         elif method == "ccs":
             score = sas()
             idx = bl.ccs(1 - score, ratio, seed=seed)
