@@ -16,8 +16,7 @@ def get_config():
         embed=dict(prompts=["A photo of a {}."]),
         adapt=dict(kind="linear", epochs=30),  # Adam 1e-4, batch 256: docs/method.md, "Dataset adaptation"
         scores=dict(k_fraction=0.1),  # SDS: K = 10% of the class
-        selection=dict(alpha="code"),  # 0.1, as the authors' code
         ratio=0.3,
-        balance="class",
+        method="clipsel",  # alignment probability, alpha 0.1, per-class quotas; "paper": the paper's text
         workdir="out/cifar10",
     )

@@ -12,8 +12,7 @@ def get_config():
         embed=dict(prompts=["A photo of a {}."]),
         adapt=dict(kind="linear", epochs=30),
         scores=dict(k_fraction=0.1),  # K = 50 neighbours per class
-        selection=dict(alpha="code"),
         ratio=0.3,
-        balance="class",
+        method="clipsel",  # alignment probability, alpha 0.1, per-class quotas; "paper": the paper's text
         workdir="out/cifar100",
     )

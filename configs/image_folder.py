@@ -16,6 +16,6 @@ def get_config():
         embed=dict(prompts=["A photo of a {}."]),
         adapt=dict(kind="linear", epochs=30),
         ratio=0.5,
-        balance="class",
+        method="clipsel",  # alignment probability, alpha 0.1, per-class quotas; "paper": the paper's text
         workdir="out/my_data",
     )

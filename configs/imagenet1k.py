@@ -20,8 +20,7 @@ def get_config():
         adapt=dict(kind="linear", epochs=10),
         scores=dict(k_fraction=0.1,  # K = 128 per class
                     reference_threshold=2000),  # ~1,300 per class: exact; lower it to trade accuracy for time
-        selection=dict(alpha="code"),
         ratio=0.3,
-        balance="class",
+        method="clipsel",  # alignment probability, alpha 0.1, per-class quotas; "paper": the paper's text
         workdir="out/imagenet1k",
     )

@@ -41,11 +41,29 @@ def test_defaults_are_the_dataclasses(tmp_path):
     """No option, no config: every setting is its dataclass default (the CLI writes none of its own)."""
     c = _parse(["select"]).cfg
     assert c.adapt.build() == AdaptConfig() and c.selection == SelectionConfig() and c.scores == DiversityConfig()
-    assert c.ratio is None and c.seed == 0 and c.method == "clipsel" and c.balance is None and c.embed.prompts == ("A photo of a {}.",)
+    assert c.ratio is None and c.seed == 0 and c.method == "clipsel" and c.balance is None
+    assert c.embed.prompts == ("A photo of a {}.",)
     # the library's functions default to the same values
     assert score_samples.__kwdefaults__["k_fraction"] == DiversityConfig.k_fraction
     assert sample_diversity.__kwdefaults__["reference_size"] == DiversityConfig.reference_size
     assert config.default("adapt.epochs") == AdaptConfig.epochs and config.default("ratio") is None
+
+
+def test_method_paper_from_a_packaged_config():
+    """The packaged configs leave alignment, alpha and balance to the method: --method paper gives the paper's
+    three settings; an explicit option still wins."""
+    from clipsel_jax.pipeline import method_settings
+
+    c = _parse(["select", "--config", "cifar10", "--method", "paper"]).cfg
+    opts = c.selection_options()
+    assert opts["method"] == "paper" and opts["alignment"] is None and opts["balance"] is None
+    assert method_settings("paper", opts["alignment"], opts["balance"], opts["selection"])[:2] == ("cosine", "global")
+    assert method_settings("paper", None, None, opts["selection"])[2].alpha == "paper"
+    c = _parse(["select", "--config", "cifar10", "--method", "paper", "--alignment", "probability",
+                "--temperature", "20"]).cfg
+    assert (c.scores.alignment, c.scores.temperature) == ("probability", 20.0)
+    with pytest.raises(config.ConfigError, match="method must be one of"):
+        config.build({"method": "best"})
 
 
 def test_every_option_maps_to_a_field():

@@ -1,0 +1,114 @@
+"""The alignment score, measured: the paper's cosine against the default probability of the label's prompt, on the
+cached embeddings of a `clipsel bench` workdir, under several noise kinds and seeds.
+
+For each noisy label set (and for corrupted images, whose embeddings the bench cached per seed) the adapters are
+trained once, with the library's defaults, then each variant ranks the samples; per-class top-k of that ranking is
+what the selection keeps (the optimiser's result, docs/method.md). Printed per setting and seed: the share of bad
+samples kept at each ratio and the ranking's ROC-AUC as a detector of them (higher = better), as JSON lines, then
+a Markdown table of means and standard deviations over seeds.
+
+    python scripts/bench_alignment.py --data ../shared/data/cifar10-jpeg.zip --workdir out/bench_cifar10 \\
+        --noise pair:0.4 symmetric:0.2 corrupt:0.2 --seeds 0 1 2
+
+The workdir must hold the bench's embedding cache of the training split (`clipsel bench` writes it); for corrupt:F
+the corrupted images' embeddings are read from, or when missing added to, the bench's cache WORKDIR/corrupt/F_seedS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="the bench's --data (its training split is read for labels)")
+    ap.add_argument("--workdir", required=True, help="a `clipsel bench` workdir holding the embedding cache")
+    ap.add_argument("--noise", nargs="+", default=["pair:0.4", "symmetric:0.2"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
+    args = ap.parse_args(argv)
+
+    import clipsel_jax as cs
+    from clipsel_jax.adapt import AdaptConfig, adapt
+    from clipsel_jax.config import DataConfig
+    from clipsel_jax.data.noise import (CIFAR10_PAIRS, NoiseSetting, corrupt_images, pair_label_noise,
+                                        symmetric_label_noise)
+    from clipsel_jax.evaluate.benchmark import detection_auc
+    from clipsel_jax.evaluate.splits import load_images, open_splits
+    from clipsel_jax.scores import score_samples
+    from clipsel_jax.selection import rank_and_take
+
+    splits = open_splits(DataConfig(path=args.data))
+    enc = cs.load_encoder("offline")
+    prompts = ["A photo of a {}."]
+    emb = cs.embed(splits.train, enc, args.workdir, prompts=prompts, progress=False)
+    x0, clean, names, c = emb.image_emb, emb.labels, emb.class_names, len(emb.class_names)
+    images = None
+    rows = []
+    for spec in args.noise:
+        noise = NoiseSetting.parse(spec)
+        for seed in args.seeds:
+            x, labels = x0, clean
+            if noise.kind == "symmetric":
+                labels, bad = symmetric_label_noise(clean, c, noise.fraction, seed=seed)
+            elif noise.kind == "pair":
+                labels, bad = pair_label_noise(clean, list(names), noise.fraction, CIFAR10_PAIRS, seed=seed)
+            else:  # corrupt: the bench's cache of the corrupted images' embeddings (the images are re-made to know which)
+                if images is None:
+                    position = {int(v): i for i, v in enumerate(splits.train.ids)}
+                    images = load_images(splits.train, [position[int(i)] for i in emb.ids])[0]
+                corrupted, kind = corrupt_images(images, noise.fraction, seed=seed)
+                bad = kind >= 0
+                sub = np.flatnonzero(bad)
+                src = cs.data.from_arrays(corrupted[sub], clean[sub], names, ids=emb.ids[sub])
+                e = cs.embed(src, enc, f"{args.workdir}/corrupt/{noise.fraction:g}_seed{seed}", prompts=prompts,
+                             progress=False)
+                x = x0.copy()
+                x[sub] = e.image_emb
+            t0 = time.perf_counter()
+            a = adapt(x, labels, emb.text_emb, AdaptConfig(), seed=seed)
+            adapt_s = time.perf_counter() - t0
+            row = {"noise": str(noise), "seed": seed, "bad": round(float(bad.mean()), 4),
+                   "temperature": round(a.logit_scale, 3), "adapt_s": round(adapt_s, 1)}
+            variants = {"cosine (paper)": dict(alignment="cosine", alpha=0.0),
+                        "probability": dict(alignment="probability", alpha=0.0),
+                        "cosine + 0.1 SDS (before)": dict(alignment="cosine", alpha=0.1),
+                        "probability + 0.1 SDS (default)": dict(alignment="probability", alpha=0.1)}
+            for name, v in variants.items():
+                sc = score_samples(a.image, a.text, labels, v["alpha"], alignment=v["alignment"],
+                                   temperature=a.logit_scale, seed=seed)
+                out = {"auc": round(detection_auc(sc.combined, bad), 4)}
+                for r in args.ratios:
+                    keep = rank_and_take(sc.combined, sc.combined, int(round(r * len(labels))), labels, c)
+                    out[f"kept{r:g}"] = round(float(bad[keep].mean()) * 100, 2)
+                row[name] = out
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(table(rows, args.ratios))
+    return 0
+
+
+def table(rows, ratios) -> str:
+    """Markdown: per noise and variant, mean +- sd over seeds of the bad share kept at each ratio, and the AUC."""
+    variants = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    head = ["noise", "alignment score", *[f"bad kept at {r:.0%}" for r in ratios], "detection AUC", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for noise in dict.fromkeys(r["noise"] for r in rows):
+        group = [r for r in rows if r["noise"] == noise]
+        for v in variants:
+            def stat(key, pct):
+                vals = np.array([r[v][key] for r in group], float)
+                sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+                return f"{vals.mean():.2f}% ± {sd:.2f}" if pct else f"{vals.mean():.3f} ± {sd:.3f}"
+            cells = [noise, v, *[stat(f"kept{r:g}", True) for r in ratios], stat("auc", False), str(len(group))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
