@@ -5,14 +5,15 @@ Losses: "infonce" (default): symmetric InfoNCE between L2-normalised adapted ima
 of their labels, learnable temperature; samples of the same class in a batch share one prompt, so every same-class
 pair counts as a positive (a multi-positive target) instead of a false negative. "class": cross-entropy of each
 image against all C prompts (CLIP zero-shot logits).
-Data-parallel over the mesh (batch split, weights replicated); an orbax checkpoint per epoch; a rerun with the
-same workdir resumes after the last finished epoch.
+Data-parallel over the mesh (batch split, weights replicated); an orbax checkpoint at most every 30 s (and at the
+end); a rerun with the same workdir resumes after the last saved epoch, and reuses a finished training as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +88,18 @@ def data_fingerprint(image_emb, labels, text_emb) -> str:
 @with_workdir_lock
 def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarray, cfg: AdaptConfig = AdaptConfig(),
                    workdir: str | Path | None = None, mesh=None, train_indices: np.ndarray | None = None,
-                   progress: bool = False, stop_after_epochs: int | None = None) -> tuple[Adapters, dict]:
+                   progress: bool = False, stop_after_epochs: int | None = None,
+                   checkpoint_every: float = 30.0) -> tuple[Adapters, dict]:
     """Train adapters; returns (adapters, history {"loss": per-epoch means, "resumed_from": epoch or None}).
 
     train_indices: train on these samples only (e.g. a small trusted subset); scores still cover every sample.
     stop_after_epochs: return after this many epochs of this call (the checkpoint allows resuming later).
-    workdir: checkpoints under workdir/adapters, held for the call (see clipsel_jax.workdir_lock).
+    workdir: checkpoints under workdir/adapters, held for the call (see clipsel_jax.workdir_lock): after the last
+    epoch, before returning early, and otherwise at the end of an epoch once `checkpoint_every` seconds have passed
+    since the last one (a checkpoint per epoch cost about 40% of the training time at N = 20,000). A finished
+    training is reused by a call with the same inputs and settings (e.g. another keep ratio): no epoch runs.
     """
+    checkpoint_every = checks.number("checkpoint_every", checkpoint_every, lo=0)
     mesh = mesh or parallel.data_mesh()
     if cfg.seed is None:  # the settings (and checkpoints) record the seed actually used
         cfg = dataclasses.replace(cfg, seed=0)
@@ -142,6 +148,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="adapters", unit="epoch")
     done_here = 0
+    last_save = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and done_here >= stop_after_epochs:
             break
@@ -162,9 +169,11 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
                 f"(lr={cfg.lr}) is too high for these embeddings; lower it (AdaptConfig.lr, --adapter-lr)")
         history["loss"].append(mean)
         done_here += 1
-        if ckpt is not None:
+        stopping = epoch + 1 == cfg.epochs or (stop_after_epochs is not None and done_here >= stop_after_epochs)
+        if ckpt is not None and (stopping or time.monotonic() - last_save >= checkpoint_every):
             ckpt.save(epoch + 1, {"params": params, "opt_state": opt_state},
                       {"epoch": epoch + 1, "loss": history["loss"], "settings": settings})
+            last_save = time.monotonic()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}")

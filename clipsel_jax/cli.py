@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_args(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("adapt", help="train the image and text adapters on embeddings (checkpointed per epoch)")
+    p = sub.add_parser("adapt", help="train the image and text adapters on embeddings (checkpointed, resumable)")
     _common(p)
     p.add_argument("--embeddings", help="an .npz of `clipsel embed`")
     _workdir_arg(p, "out/adapt", "adapter checkpoints (a rerun resumes)")

@@ -3,7 +3,7 @@
     WORKDIR/
       .clipsel.lock            who holds the workdir (clipsel_jax.workdir_lock)
       embeddings/<key>/        the embedding cache: chunks, manifest.json, unreadable.json, text_<hash>.npz
-      adapters/                orbax steps of the adapter training (one per epoch)
+      adapters/                orbax steps of the adapter training (every 30 s and at the end)
       selection_band/          orbax steps of the selection loop on the decisive band (the default loop)
       selection/               orbax steps of the selection loop over every sample (loop="full")
       selection_final/         the final selection (indices, mask, ranking key, scores) as an orbax checkpoint

@@ -33,9 +33,12 @@ def test_kill_and_resume_adapter_training(tmp_path):
     x, y, t = unaligned(seed=1)
     cfg = AdaptConfig(epochs=6, lr=3e-3, batch_size=100)
     full, hist_full = train_adapters(x, y, t, cfg)
-    # "Killed" after 2 epochs: the checkpoint of epoch 2 is on disk.
+    # "Killed" after 2 epochs: the checkpoint of epoch 2 is on disk, and only it (checkpoints come every 30 s, and
+    # before returning; checkpoint_every=0 writes one per epoch).
     train_adapters(x, y, t, cfg, workdir=tmp_path, stop_after_epochs=2)
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir() if p.name.isdigit()) == ["2"]
+    train_adapters(x, y, t, cfg, workdir=tmp_path / "each", stop_after_epochs=2, checkpoint_every=0)
+    assert sorted(p.name for p in (tmp_path / "each" / "adapters").iterdir() if p.name.isdigit()) == ["1", "2"]
     resumed, hist = train_adapters(x, y, t, cfg, workdir=tmp_path)
     assert hist["resumed_from"] == 2 and len(hist["loss"]) == 6
     np.testing.assert_allclose(hist["loss"], hist_full["loss"], rtol=1e-5)

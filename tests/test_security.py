@@ -1034,7 +1034,8 @@ def test_damaged_adapter_checkpoint_is_recomputed(tmp_path, damage, resumed_from
     x, y, t = unaligned(seed=1)
     cfg = AdaptConfig(epochs=4, lr=3e-3, batch_size=100)
     full, hist_full = train_adapters(x, y, t, cfg)
-    train_adapters(x, y, t, cfg, workdir=tmp_path, stop_after_epochs=3)  # epochs 2 and 3 are kept
+    # one checkpoint per epoch (checkpoint_every=0): epochs 2 and 3 are kept
+    train_adapters(x, y, t, cfg, workdir=tmp_path, stop_after_epochs=3, checkpoint_every=0)
     steps = tmp_path / "adapters"
     expected = []
     for step in [steps / "3"] + ([steps / "2"] if resumed_from is None else []):
@@ -1046,7 +1047,7 @@ def test_damaged_adapter_checkpoint_is_recomputed(tmp_path, damage, resumed_from
             flip_bytes(f)
             expected.append(f"{f} does not match its recorded SHA-256")
     with pytest.warns(UserWarning) as record:
-        resumed, hist = train_adapters(x, y, t, cfg, workdir=tmp_path)
+        resumed, hist = train_adapters(x, y, t, cfg, workdir=tmp_path, checkpoint_every=0)
     messages = [str(w.message) for w in record]
     for text in expected:
         assert any(text in m for m in messages), messages
