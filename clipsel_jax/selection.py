@@ -301,7 +301,8 @@ class Optimised(NamedTuple):
     key: np.ndarray  # float32 (N,): ranks the samples as the full loop's final d does (rank_and_take takes the top)
     steps: int  # optimiser steps taken
     count: float  # sum(b) at the stop
-    how: dict  # {"loop": "band", "band": [lo, hi]} or {"loop": "full", "why": the reason the band loop did not run}
+    how: dict  # {"loop": "band", "band": [lo, hi]} or {"loop": "full", "why": the reason the band loop did not run};
+    #            "resumed_from": the step a checkpoint of an interrupted run was resumed at (None: from the start)
 
 
 def _fingerprint(c: np.ndarray, k: int) -> str:
@@ -328,8 +329,9 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
     if band is not None:
         order, lo, hi = band
         c_band = c[order[lo:hi]]
-        d_band, steps, count = _run_loop(c_band, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(True),
-                                         chunk_steps, {**settings, "band": [lo, hi]}, band=(lo, n - hi))
+        d_band, steps, count, resumed = _run_loop(c_band, k, cfg, n, mesh,
+                                                  workdir and RunDir(workdir).selection_loop(True), chunk_steps,
+                                                  {**settings, "band": [lo, hi]}, band=(lo, n - hi))
         fallback = band_failure(d_band)
         if fallback is None and (d_band[-1] > 0 or d_band[0] <= 0):
             # Stopped at max_steps with the count outside the band's range: count the selected samples past the
@@ -346,19 +348,20 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
             count = hi + (past or 0) if d_band[-1] > 0 else (past or 0)
         if fallback is None:
             return Optimised(ranking_key(d_band, order, lo, hi), steps, float(count),
-                             {"loop": "band", "band": [lo, hi]})
+                             {"loop": "band", "band": [lo, hi], "resumed_from": resumed})
     else:
         fallback = "loop='full'" if cfg.loop == "full" else "init <= 0: the band loop does not apply"
-    d, steps, count = _run_loop(c, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(False), chunk_steps,
-                                settings)
-    return Optimised(d, steps, count, {"loop": "full", "why": fallback})
+    d, steps, count, resumed = _run_loop(c, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(False),
+                                         chunk_steps, settings)
+    return Optimised(d, steps, count, {"loop": "full", "why": fallback, "resumed_from": resumed})
 
 
 def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_dir: Path | None, chunk_steps: int,
               settings: dict, band: tuple[int, int] | None = None):
     """Run optimise_chunk in chunks of steps over c (all n samples, or the band with `band` = (samples above it,
     samples below it)), checkpointing the LoopState after each chunk; a rerun resumes from the checkpoint.
-    All n samples are split over the mesh; the band (a few thousand) is replicated. Returns (d, steps, count)."""
+    All n samples are split over the mesh; the band (a few thousand) is replicated. Returns (d, steps, count, the
+    step resumed at or None)."""
     m = len(c)
     m_pad = m if band is not None else parallel.round_up(m, mesh.devices.size)
     sharding = parallel.replicated(mesh) if band is not None else parallel.batch_sharding(mesh)
@@ -367,6 +370,7 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
     c_dev = jax.device_put(c_pad, sharding)
     state = init_state(c_dev, cfg, n)
     ckpt = None
+    resumed = None
     rep = parallel.replicated(mesh)
 
     def unpadded(state: LoopState) -> dict:  # checkpoints hold the m real samples: a run resumes on any device count
@@ -379,6 +383,7 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
             state = LoopState(**jax.tree.map(
                 lambda a: jax.device_put(np.pad(np.asarray(a), (0, m_pad - m)), sharding) if np.ndim(a)
                 else jax.device_put(np.asarray(a), rep), restored))
+            resumed = int(state.step)
     above, below = band or (0, 0)
     while not loop_done(int(state.step), float(state.count), k, cfg, n):
         stop = jnp.int32(min(cfg.max_steps, int(state.step) + chunk_steps))
@@ -388,4 +393,4 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
             ckpt.save(int(state.step), unpadded(state), {"settings": settings, "step": int(state.step)})
     if ckpt is not None:
         ckpt.close()
-    return parallel.to_host(state.d)[:m], int(state.step), float(state.count)
+    return parallel.to_host(state.d)[:m], int(state.step), float(state.count), resumed
