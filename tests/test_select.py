@@ -91,7 +91,7 @@ def test_band_loop_is_the_full_loop(case):
     labels = np.random.default_rng(1).integers(0, 7, n)
     k = round(ratio * n)
     (key, steps, count, how), (d, steps_f, count_f, how_f) = _both_loops(c, k, **cfg)
-    assert how["loop"] == "band" and how_f == {"loop": "full", "why": "loop='full'"}
+    assert how["loop"] == "band" and how_f == {"loop": "full", "why": "loop='full'", "resumed_from": None}
     assert (steps, count) == (steps_f, count_f)
     lo, hi = how["band"]
     band = np.lexsort((np.arange(n), -c))[lo:hi]
@@ -109,7 +109,7 @@ def test_band_loop_falls_back_to_the_full_loop():
 
     c = np.random.default_rng(2).random(3000).astype(np.float32)
     (key, steps, count, how), (d, *_) = _both_loops(c, 900, init=-0.01)
-    assert how == {"loop": "full", "why": "init <= 0: the band loop does not apply"}
+    assert how == {"loop": "full", "why": "init <= 0: the band loop does not apply", "resumed_from": None}
     np.testing.assert_array_equal(key, d)
     assert band_failure(np.float32([0.3, 0.2, 0.2, -0.1])) is None
     with pytest.raises(ValueError, match="loop must be 'band' or 'full'"):
