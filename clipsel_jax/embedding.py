@@ -68,6 +68,9 @@ class Embeddings:
                 unreadable = json.loads(str(z["unreadable"])) if "unreadable" in z.files else []
                 scale = None
                 if "logit_scale" in z.files:
+                    if z["logit_scale"].shape != () or z["logit_scale"].dtype.kind != "f":
+                        raise ValueError(f"logit_scale must be one float, got {z['logit_scale'].dtype} "
+                                         f"{z['logit_scale'].shape}")
                     scale = checks.number("logit_scale", float(z["logit_scale"]), lo=0, lo_open=True)
                 e = cls(z["image_emb"], z["labels"], z["ids"], z["text_emb"], [str(c) for c in z["class_names"]],
                         [str(p) for p in z["prompts"]], unreadable, scale)

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     from clipsel_jax.scores import score_samples
     from clipsel_jax.selection import rank_and_take
 
+    for spec in args.noise:  # checked before anything is loaded
+        if NoiseSetting.parse(spec).kind not in ("symmetric", "pair", "corrupt"):
+            ap.error(f"--noise {spec}: needs bad samples to detect (symmetric:F, pair:F or corrupt:F)")
     splits = open_splits(DataConfig(path=args.data))
     enc = cs.load_encoder("offline")
     prompts = ["A photo of a {}."]

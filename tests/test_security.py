@@ -185,6 +185,9 @@ def test_cli_checks_the_ratio_before_embedding(folder, tmp_path, capsys):
     (dict(labels=np.full(60, 7)), r"60 labels are outside 0..2"),
     (dict(ids=np.zeros(60, int)), "59 sample ids are repeated"),
     (dict(image_emb=np.zeros((0, 8), np.float32), labels=np.zeros(0, int), ids=np.zeros(0, int)), "non-empty"),
+    (dict(logit_scale=np.ones(3)), "logit_scale must be one float"),
+    (dict(logit_scale=np.array(-1.0)), "logit_scale must be > 0"),
+    (dict(logit_scale=np.array(np.nan)), "logit_scale must be"),
     ("empty", "not a valid embeddings file"),
     ("not_npz", "not a valid embeddings file"),
 ])
