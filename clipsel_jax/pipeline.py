@@ -108,7 +108,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
                            k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
                            reference_size: int = DiversityConfig.reference_size,
                            selection: SelectionConfig | None = None, ids=None, workdir: str | Path | None = None,
-                           mesh=None, progress: bool = False, chunk_steps: int = 20_000) -> Selection:
+                           mesh=None, progress: bool = False, chunk_steps: int = 20_000,
+                           stop_after_chunks: int | None = None) -> Selection:
     """Select round(ratio * N) samples from embeddings of any encoder: adapt, score, optimise the keep-mask, take
     exactly k by rank.
 
@@ -165,6 +166,9 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         Progress bars for the long stages.
     chunk_steps : int >= 1
         Selection steps between two checkpoints.
+    stop_after_chunks : int >= 1 or None
+        With a workdir: stop the selection loop after this many chunks of this call, checkpoint kept, raising
+        clipsel_jax.selection.LoopStopped (a time-boxed job); the same call again resumes. None: run to the end.
 
     Returns
     -------
@@ -185,6 +189,10 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     # Every setting is checked before the first stage runs: a bad one never costs an adapter training.
     seed = checks.number("seed", seed, lo=0, integer=True)
     chunk_steps = checks.number("chunk_steps", chunk_steps, lo=1, integer=True)
+    if stop_after_chunks is not None:
+        stop_after_chunks = checks.number("stop_after_chunks", stop_after_chunks, lo=1, integer=True)
+        if workdir is None:
+            raise ValueError("stop_after_chunks needs a workdir: the loop stops to be resumed from its checkpoint")
     diversity = dict(zip(("k", "k_fraction", "reference_threshold", "reference_size"),
                          diversity_settings(k_neighbors, k_fraction, reference_threshold, reference_size)))
     n, num_classes = len(image_emb), len(text_emb)
@@ -206,7 +214,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     timings["score_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    opt = optimise(sc.combined, k, sel_cfg, mesh, workdir, chunk_steps)
+    opt = optimise(sc.combined, k, sel_cfg, mesh, workdir, chunk_steps, stop_after_chunks)
     keep = rank_and_take(opt.key, sc.combined, k, labels if balance == "class" else None, num_classes)
     timings["select_s"] = time.perf_counter() - t1
 

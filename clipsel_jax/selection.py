@@ -305,12 +305,23 @@ class Optimised(NamedTuple):
     #            "resumed_from": the step a checkpoint of an interrupted run was resumed at (None: from the start)
 
 
+class LoopStopped(Exception):
+    """Raised by `optimise(stop_after_chunks=N)` after N chunks of this call, their checkpoint saved: a
+    time-boxed job (or a test) stops at a known step, and the same call again resumes from there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"selection loop stopped after step {step} (stop_after_chunks); its checkpoint is kept: "
+                         "run the same selection again to resume")
+        self.step = step
+
+
 def _fingerprint(c: np.ndarray, k: int) -> str:
     return hashlib.sha256(np.ascontiguousarray(c, np.float32).tobytes() + str(k).encode()).hexdigest()[:16]
 
 
 def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), mesh=None,
-             workdir: str | Path | None = None, chunk_steps: int = 20_000) -> Optimised:
+             workdir: str | Path | None = None, chunk_steps: int = 20_000,
+             stop_after_chunks: int | None = None) -> Optimised:
     """Optimise the keep-mask for the combined scores c (float32 (N,)) and target count k.
 
     cfg.loop == "band" (default) runs the optimiser on the decisive band around rank k (exact: the same steps, count
@@ -318,8 +329,14 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
     premise fails; "full" always runs that. mesh: devices for the full loop (N split over them). workdir: the loop's
     state is checkpointed (orbax) every `chunk_steps` steps under workdir/selection_band or workdir/selection, and a
     rerun with the same c, k and cfg resumes from it; state from other inputs is removed with a warning (the rule of
-    clipsel_jax.workdir), never resumed.
+    clipsel_jax.workdir), never resumed. stop_after_chunks: after this many chunks of this call (checkpointed; needs
+    workdir), raise LoopStopped instead of finishing.
     """
+    if stop_after_chunks is not None:
+        stop_after_chunks = checks.number("stop_after_chunks", stop_after_chunks, lo=1, integer=True)
+        if workdir is None:
+            raise ValueError("stop_after_chunks needs a workdir: the loop stops to be resumed from its checkpoint")
+    budget = {"chunks": stop_after_chunks}  # shared by the band loop and a full loop it falls back to
     c = np.asarray(c, np.float32)
     n = len(c)
     mesh = mesh or parallel.data_mesh()
@@ -331,7 +348,8 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
         c_band = c[order[lo:hi]]
         d_band, steps, count, resumed = _run_loop(c_band, k, cfg, n, mesh,
                                                   workdir and RunDir(workdir).selection_loop(True), chunk_steps,
-                                                  {**settings, "band": [lo, hi]}, band=(lo, n - hi))
+                                                  {**settings, "band": [lo, hi]}, band=(lo, n - hi),
+                                                  budget=budget)
         fallback = band_failure(d_band)
         if fallback is None and (d_band[-1] > 0 or d_band[0] <= 0):
             # Stopped at max_steps with the count outside the band's range: count the selected samples past the
@@ -352,14 +370,15 @@ def optimise(c: np.ndarray, k: int, cfg: SelectionConfig = SelectionConfig(), me
     else:
         fallback = "loop='full'" if cfg.loop == "full" else "init <= 0: the band loop does not apply"
     d, steps, count, resumed = _run_loop(c, k, cfg, n, mesh, workdir and RunDir(workdir).selection_loop(False),
-                                         chunk_steps, settings)
+                                         chunk_steps, settings, budget=budget)
     return Optimised(d, steps, count, {"loop": "full", "why": fallback, "resumed_from": resumed})
 
 
 def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_dir: Path | None, chunk_steps: int,
-              settings: dict, band: tuple[int, int] | None = None):
+              settings: dict, band: tuple[int, int] | None = None, budget: dict | None = None):
     """Run optimise_chunk in chunks of steps over c (all n samples, or the band with `band` = (samples above it,
     samples below it)), checkpointing the LoopState after each chunk; a rerun resumes from the checkpoint.
+    budget["chunks"] (None: no limit) counts down the chunks left before LoopStopped.
     All n samples are split over the mesh; the band (a few thousand) is replicated. Returns (d, steps, count, the
     step resumed at or None)."""
     m = len(c)
@@ -391,6 +410,11 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
                                jnp.float32(above), jnp.float32(below))
         if ckpt is not None:
             ckpt.save(int(state.step), unpadded(state), {"settings": settings, "step": int(state.step)})
+        if budget and budget["chunks"] is not None:
+            budget["chunks"] -= 1
+            if budget["chunks"] == 0 and not loop_done(int(state.step), float(state.count), k, cfg, n):
+                ckpt.close()
+                raise LoopStopped(int(state.step))
     if ckpt is not None:
         ckpt.close()
     return parallel.to_host(state.d)[:m], int(state.step), float(state.count), resumed
