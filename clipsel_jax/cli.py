@@ -382,13 +382,16 @@ def cmd_score(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sc.sas, cosine=sc.cosine, sds=sc.sds,
                  combined=sc.combined,
-                 preferred_class=sc.preferred_class, sds_k=sc.diversity.k)
+                 preferred_class=sc.preferred_class, preferred_confidence=sc.preferred_confidence,
+                 sds_k=sc.diversity.k)
         with open(out, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["id", "label", "class_name", "preferred_class", "sas", "sds", "combined"])
+            w.writerow(["id", "label", "class_name", "preferred_class", "preferred_confidence", "sas", "sds",
+                        "combined"])
             for i in range(len(e.ids)):
                 w.writerow([int(e.ids[i]), int(e.labels[i]), e.class_names[e.labels[i]],
-                            e.class_names[sc.preferred_class[i]], f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}",
+                            e.class_names[sc.preferred_class[i]], f"{sc.preferred_confidence[i]:.6f}",
+                            f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}",
                             f"{sc.combined[i]:.6f}"])
         print(json.dumps({"out": str(out), "npz": str(out.with_suffix(".npz")), "samples": int(len(e.ids)),
                           "alpha": a, "alignment": alignment, "temperature": round(temperature, 4),

@@ -41,6 +41,9 @@ class Selection:
     # int64 (N,): the class whose (adapted) prompt each image is closest to; != label marks a likely mislabel.
     preferred_class: np.ndarray | None = None
     ids: np.ndarray | None = None  # int64 (N,): the samples' ids in their source (default 0..N-1); kept: ids[indices]
+    # float32 (N,): the probability that the image picks preferred_class's prompt among all C (what relabelling
+    # goes by: clipsel export --relabel)
+    preferred_confidence: np.ndarray | None = None
 
 
 def _validate(image_emb, labels, text_emb, ratio):
@@ -174,7 +177,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     -------
     Selection
         indices (sorted int64 (k,)), mask (bool (N,)), scores {"sas", "sds", "combined"} (float32 (N,)),
-        preferred_class (int64 (N,)), ids (int64 (N,)) and meta (settings, per-class kept fractions, K per class,
+        preferred_class (int64 (N,)), preferred_confidence (float32 (N,)), ids (int64 (N,)) and meta (settings, per-class kept fractions, K per class,
         optimiser steps, timings, versions).
     """
     t0 = time.perf_counter()
@@ -243,11 +246,13 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     }
     result = Selection(keep.astype(np.int64), mask,
                        {"sas": sc.sas, "sds": sc.sds, "combined": sc.combined, "cosine": sc.cosine}, meta,
-                       sc.preferred_class, ids)
+                       sc.preferred_class, ids, sc.preferred_confidence)
     if workdir is not None:
         ck = Checkpointer(RunDir(workdir).selection_final, max_to_keep=1)
         ck.clear()  # the final selection of this run replaces any earlier one
-        ck.save(0, {"indices": result.indices, "mask": mask, "d": opt.key, **result.scores}, meta)
+        ck.save(0, {"indices": result.indices, "mask": mask, "d": opt.key, **result.scores,
+                    "preferred_class": result.preferred_class,
+                    "preferred_confidence": result.preferred_confidence}, meta)
         ck.close()
     return result
 

@@ -1,7 +1,9 @@
 """What a run leaves for people and for other programs (README.md, "Outputs of a run"):
 
-- ``selection.npz``: indices (kept, sorted), mask, ids, labels, kept_ids, preferred_class and the scores;
-- ``scores.csv``: one row per sample: id, path, label, class, preferred class, SAS, SDS, combined, kept, rank;
+- ``selection.npz``: indices (kept, sorted), mask, ids, labels, kept_ids, preferred_class, preferred_confidence
+  and the scores;
+- ``scores.csv``: one row per sample: id, path, label, class, preferred class and its confidence, SAS, SDS,
+  combined, kept, rank;
 - ``meta.json``: settings, per-class kept fractions, timings, versions, unreadable images;
 - ``report.html``: one self-contained page (plots and thumbnails inline as data: URIs): score histograms kept vs
   dropped, per-class kept fractions, and galleries of the lowest-alignment samples (likely mislabeled: shown with
@@ -33,18 +35,21 @@ def write_outputs(workdir, sel, ids, labels, class_names, source=None, extra_met
     Path(workdir).mkdir(parents=True, exist_ok=True)
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
     preferred = _preferred(sel, labels)
+    confidence = getattr(sel, "preferred_confidence", None)
+    confidence = np.full(len(ids), np.nan, np.float32) if confidence is None else np.asarray(confidence, np.float32)
     np.savez(out["selection"], indices=sel.indices, mask=sel.mask, ids=ids, labels=labels,
-             kept_ids=ids[sel.indices], preferred_class=preferred, **sel.scores)
+             kept_ids=ids[sel.indices], preferred_class=preferred, preferred_confidence=confidence, **sel.scores)
     rank = np.empty(len(ids), np.int64)  # 1 = first kept: kept samples by combined score, then the dropped ones
     order = np.lexsort((-sel.scores["combined"], ~sel.mask))
     rank[order] = np.arange(1, len(ids) + 1)
     paths = _paths(source, ids)
     with open(out["scores"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "path", "label", "class_name", "preferred_class", "sas", "sds", "combined", "kept", "rank"])
+        w.writerow(["id", "path", "label", "class_name", "preferred_class", "preferred_confidence", "sas", "sds",
+                    "combined", "kept", "rank"])
         for i in range(len(ids)):
             w.writerow([int(ids[i]), paths[i], int(labels[i]), class_names[labels[i]], class_names[preferred[i]],
-                        f"{sel.scores['sas'][i]:.6f}", f"{sel.scores['sds'][i]:.6f}",
+                        f"{confidence[i]:.6f}", f"{sel.scores['sas'][i]:.6f}", f"{sel.scores['sds'][i]:.6f}",
                         f"{sel.scores['combined'][i]:.6f}", int(sel.mask[i]), int(rank[i])])
     meta = dict(sel.meta)
     meta.update(extra_meta or {})

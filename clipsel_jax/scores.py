@@ -107,13 +107,14 @@ def _closest_prompt(img, txt):
 def alignment_and_preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, labels: np.ndarray,
                                   chunk: int = checks.ROW_CHUNK, mesh=None,
                                   temperature: float = DEFAULT_TEMPERATURE) -> tuple[np.ndarray, ...]:
-    """(cosine SAS, label probability, preferred class) in one pass over the features (each pass reads all N rows;
-    at 1.28M x 512 a pass costs seconds on a CPU). The probability is softmax_c(temperature * cos(u, v_c)) at the
-    label: float32 (N,), like the cosine; the preferred class int64 (N,)."""
+    """(cosine SAS, label probability, preferred class, its probability) in one pass over the features (each pass
+    reads all N rows; at 1.28M x 512 a pass costs seconds on a CPU). The probability is softmax_c(temperature *
+    cos(u, v_c)) at the label: float32 (N,), like the cosine; the preferred class int64 (N,), the arg-max class, and
+    its probability float32 (N,) (how confidently the image picks it: what relabelling goes by)."""
     temperature = checks.number("temperature", temperature, lo=0, lo_open=True)
     txt = l2_normalize(jnp.asarray(text_feats, jnp.float32))
-    out = (np.empty(len(image_feats), np.float32), np.empty(len(image_feats), np.float32),
-           np.empty(len(image_feats), np.int64))
+    n = len(image_feats)
+    out = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int64), np.empty(n, np.float32))
     return _rows_by_chunks(_alignment_and_closest, (image_feats, np.asarray(labels)),
                            (txt, np.float32(temperature)), out, chunk, mesh)
 
@@ -126,8 +127,10 @@ def _alignment_and_closest(img, labels, txt, temperature):
     dots = jnp.dot(img, txt.T, precision="highest")
     cos = dots / jnp.maximum(jnp.linalg.norm(img, axis=-1), 1e-12)[:, None]
     own = jnp.take_along_axis(cos, labels[:, None], axis=1)[:, 0]
-    prob = jnp.take_along_axis(jax.nn.softmax(temperature * cos, axis=-1), labels[:, None], axis=1)[:, 0]
-    return own, prob, jnp.argmax(dots, axis=-1)
+    p = jax.nn.softmax(temperature * cos, axis=-1)
+    prob = jnp.take_along_axis(p, labels[:, None], axis=1)[:, 0]
+    closest = jnp.argmax(dots, axis=-1)
+    return own, prob, closest, jnp.take_along_axis(p, closest[:, None], axis=1)[:, 0]
 
 
 @dataclass
@@ -422,6 +425,7 @@ class Scores:
     diversity: DiversityInfo  # K and reference size per class (C,)
     alignment: str = "probability"  # which score `sas` holds
     temperature: float = DEFAULT_TEMPERATURE  # the probability's temperature
+    preferred_confidence: np.ndarray | None = None  # float32: the probability (at `temperature`) of preferred_class
 
 
 def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
@@ -439,7 +443,8 @@ def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
     reference samples of large classes. Raises StageOutputError if any score is NaN or inf."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
-    cosine, prob, preferred = alignment_and_preferred_class(u, v, labels, mesh=mesh, temperature=temperature)
+    cosine, prob, preferred, confidence = alignment_and_preferred_class(u, v, labels, mesh=mesh,
+                                                                        temperature=temperature)
     sas = prob if alignment == "probability" else cosine
     sds, div = sample_diversity(u, labels, len(v), k_fraction=k_fraction, k=k,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
@@ -449,4 +454,4 @@ def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
         checks.finite_output("scoring", name, x, "features too large for float32 distances (rescale the embeddings), "
                                                  "or NaN/inf in features given without adapters")
     return Scores(sas.astype(np.float32), cosine.astype(np.float32), sds.astype(np.float32), c.astype(np.float32),
-                  preferred, div, alignment, float(temperature))
+                  preferred, div, alignment, float(temperature), confidence)

@@ -46,15 +46,17 @@ def test_sas_and_preferred_class_in_one_pass():
     rng = np.random.default_rng(2)
     x, t = rng.normal(size=(203, 8)).astype(np.float16), rng.normal(size=(5, 8))
     y = rng.integers(0, 5, 203)
-    sas, prob, pref = alignment_and_preferred_class(x, t, y, chunk=64, temperature=7.0)
+    sas, prob, pref, conf = alignment_and_preferred_class(x, t, y, chunk=64, temperature=7.0)
     np.testing.assert_allclose(sas, semantic_alignment(x, t, y), atol=1e-6)
     cos = (x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)) @ (
         t / np.linalg.norm(t, axis=1, keepdims=True)).T
     e = np.exp(7.0 * cos)
     np.testing.assert_allclose(prob, (e / e.sum(1, keepdims=True))[np.arange(203), y], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pref, cos.argmax(1))
+    np.testing.assert_allclose(conf, (e / e.sum(1, keepdims=True)).max(1), rtol=1e-5, atol=1e-6)
+    assert np.all(conf >= prob - 1e-7) and np.any(conf > prob + 0.01)  # the label's own probability is at most it
     np.testing.assert_array_equal(pref, preferred_class(x, t, chunk=50))
-    assert sas.dtype == prob.dtype == np.float32 and pref.dtype == np.int64
+    assert sas.dtype == prob.dtype == conf.dtype == np.float32 and pref.dtype == np.int64
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature"):
             alignment_and_preferred_class(x, t, y, temperature=bad)
