@@ -6,6 +6,7 @@
     clipsel adapt   train the image/text adapters on an embeddings .npz -> adapted embeddings .npz
     clipsel score   SAS, SDS and the combined score of an (adapted) embeddings .npz -> scores.csv / .npz
     clipsel report  (re)build report.html from a --workdir of `clipsel select`
+    clipsel export  the kept samples as a <class>/<file> folder (links or copies) and/or a CSV/TXT list
     clipsel bench   the selection-quality benchmark (methods x ratios x noise kinds x seeds, any data set)
     clipsel info    devices, hosts and versions
 
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from clipsel_jax import checks
 
-DEMO = "demo"  # --data demo: the 2,000-image CIFAR-10 set shipped in the package
+DEMO = "demo"  # --data demo: the 2,000-image CIFAR-10 set shipped in the package (= clipsel_jax.data.sources.DEMO;
+#               not imported here, so that `clipsel --help` loads no numpy or PIL)
 
 
 class UsageError(ValueError):
@@ -174,41 +176,21 @@ def _common(p, config=True):
 
 def _source(data, required=True):
     """The image source of a DataConfig (None when it names none and none is required)."""
-    from clipsel_jax.data import demo, image_folder, tfds_source
+    from clipsel_jax.data import open_source
 
     if data.path is None:
         if required:
             raise UsageError("--data is required (a folder or .zip of <class>/<file> images, tfds:NAME, or demo); "
                              "or set data=dict(path=...) in a --config")
         return None
-    if data.path == DEMO:
-        source = demo()
-    elif data.path.startswith("tfds:"):  # tfds:NAME, with subdir as the split (default train)
-        source = tfds_source(data.path[len("tfds:"):], data.subdir or "train", data_dir=data.tfds_data_dir)
-    else:
-        source = image_folder(data.path, data.subdir)
-    if data.max_image_pixels is not None:
-        source.max_image_pixels = data.max_image_pixels
-    if data.class_names:
-        from clipsel_jax.text import readable_class_names
-
-        source.class_names = readable_class_names(source.class_names, data.class_names)
-    return source
+    return open_source(data.path, data.subdir, data.tfds_data_dir, data.class_names, data.max_image_pixels)
 
 
 def _data_spec(data) -> dict:
-    """How the source was opened (absolute paths), so that `clipsel report` can reopen it for the galleries."""
-    def absolute(p):
-        return p if p is None or p == DEMO or p.startswith("tfds:") else str(Path(p).expanduser().resolve())
+    """How the source was opened (absolute paths), so that `clipsel report` / `export` can reopen it."""
+    from clipsel_jax.data import source_spec
 
-    path = data.path
-    if path and ".zip:" in path and path != DEMO:
-        archive, inner = path.split(".zip:", 1)
-        path = absolute(archive + ".zip") + ":" + inner
-    else:
-        path = absolute(path)
-    return {"data": path, "subdir": data.subdir, "tfds_data_dir": absolute(data.tfds_data_dir),
-            "class_names": absolute(data.class_names)}
+    return source_spec(data.path, data.subdir, data.tfds_data_dir, data.class_names)
 
 
 def _encoder(args):
@@ -415,10 +397,62 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from clipsel_jax import subset
+
+    if args.to is None and args.list is None:
+        raise UsageError("give --to DIR (a <class>/<file> folder of the kept images) and/or --list FILE.csv|.txt")
+    if args.relabel is not None and args.to is None:
+        raise UsageError("--relabel decides folders: give --to DIR too")
+    kept = subset.load_kept(args.cfg.workdir)
+    data = args.cfg.data
+    if data.path is not None:
+        source = _source(data)
+    elif kept.data_spec and kept.data_spec.get("data"):  # the source the selection was made from, as it recorded
+        source = kept.open_source(max_image_pixels=data.max_image_pixels)
+    elif args.to is not None or args.relabel is not None:
+        raise UsageError("this selection does not record its source (made from --embeddings without --data): pass "
+                         "--data, the images the embeddings were made from")
+    else:
+        source = None
+    out = {"workdir": str(args.cfg.workdir), "kept": len(kept)}
+    if args.list is not None:
+        out["list"] = str(subset.write_kept_list(kept, args.list, source))
+    if args.to is not None:
+        _say(args, f"exporting {len(kept)} kept images to {args.to}")
+        out.update(subset.export_folder(source, kept, args.to, mode=args.mode, relabel=args.relabel,
+                                        progress=not args.quiet))
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from clipsel_jax.evaluate.benchmark import run
 
     return run(args)
+
+
+def caches() -> dict:
+    """Where downloads and caches live: the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub), TFDS's data dir (TFDS_DATA_DIR, else ~/tensorflow_datasets) and JAX's compilation
+    cache (JAX_COMPILATION_CACHE_DIR; none by default). Each the library's own resolution, so it is what a run uses."""
+    import os
+
+    out = {}
+    try:
+        from huggingface_hub import constants
+
+        out["huggingface_hub"] = constants.HF_HUB_CACHE
+    except ImportError:
+        out["huggingface_hub"] = None
+    try:
+        from tensorflow_datasets.core import constants as tfds_constants
+
+        out["tfds_data_dir"] = os.path.expanduser(tfds_constants.DATA_DIR)
+    except ImportError:
+        out["tfds_data_dir"] = None
+    out["jax_compilation_cache"] = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return out
 
 
 def cmd_info(args) -> int:
@@ -435,6 +469,7 @@ def cmd_info(args) -> int:
             info[mod] = __import__(mod, fromlist=["_"]).__version__
         except ImportError:
             info[mod] = None
+    info["caches"] = caches()
     print(json.dumps(info, indent=2))
     return 0
 
@@ -497,6 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(p, "out/select", "the --workdir of `clipsel select`")
     _wait_arg(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="the kept samples as a <class>/<file> folder (hard links or copies) and/or a "
+                                      "list (CSV/TXT) for any training framework",
+                       description="Write the kept images of a `clipsel select` workdir as DIR/<class>/<file> "
+                                   "(--to) and/or list them (--list kept.csv|kept.txt). The source is the one the "
+                                   "selection recorded, or --data. A rerun completes an interrupted export.")
+    _common(p)
+    _data_args(p, required=False)
+    _workdir_arg(p, "out/select", "the --workdir of `clipsel select`")
+    _wait_arg(p)
+    p.add_argument("--to", metavar="DIR", help="folder to write <class>/<file> into (new or empty)")
+    p.add_argument("--list", metavar="FILE", help="write the kept samples to FILE: .csv (id, path, label, class, "
+                                                  "preferred class, confidence) or .txt (one path per line)")
+    p.add_argument("--mode", default="link", choices=["link", "hard", "copy", "symlink"],
+                   help="folder sources: link = hard links, copies where links cannot be made (default); hard = "
+                        "links only; copy; symlink. Zip entries are extracted, array/TFDS images written as PNG")
+    p.add_argument("--relabel", nargs="?", const=0.9, default=None, metavar="MIN_CONFIDENCE",
+                   type=checks.arg_number("relabel", lo=0, hi=1, lo_open=True),
+                   help="write a kept sample under its preferred class where that differs from its label with at "
+                        "least this probability (default 0.9); every move is listed in DIR/relabeled.csv for review. "
+                        "Off by default: review it before training on it")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="selection quality: methods x ratios x noise kinds x seeds on any data set with "
                                      "a test split, resumable")

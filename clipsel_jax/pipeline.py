@@ -44,6 +44,7 @@ class Selection:
     # float32 (N,): the probability that the image picks preferred_class's prompt among all C (what relabelling
     # goes by: clipsel export --relabel)
     preferred_confidence: np.ndarray | None = None
+    labels: np.ndarray | None = None  # int64 (N,): the given labels the selection was made with
 
 
 def _validate(image_emb, labels, text_emb, ratio):
@@ -177,7 +178,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     -------
     Selection
         indices (sorted int64 (k,)), mask (bool (N,)), scores {"sas", "sds", "combined"} (float32 (N,)),
-        preferred_class (int64 (N,)), preferred_confidence (float32 (N,)), ids (int64 (N,)) and meta (settings, per-class kept fractions, K per class,
+        preferred_class (int64 (N,)), preferred_confidence (float32 (N,)), ids (int64 (N,)), labels (int64 (N,))
+        and meta (settings, per-class kept fractions, K per class,
         optimiser steps, timings, versions).
     """
     t0 = time.perf_counter()
@@ -246,7 +248,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     }
     result = Selection(keep.astype(np.int64), mask,
                        {"sas": sc.sas, "sds": sc.sds, "combined": sc.combined, "cosine": sc.cosine}, meta,
-                       sc.preferred_class, ids, sc.preferred_confidence)
+                       sc.preferred_class, ids, sc.preferred_confidence, labels.astype(np.int64))
     if workdir is not None:
         ck = Checkpointer(RunDir(workdir).selection_final, max_to_keep=1)
         ck.clear()  # the final selection of this run replaces any earlier one

@@ -81,14 +81,9 @@ def _paths(source, ids) -> list[str]:
 
 def _positions(source, ids) -> np.ndarray:
     """Positions in the source of the given sample ids (ids are stable, positions are what read() takes)."""
-    src_ids = np.asarray(source.ids)
-    order = np.argsort(src_ids, kind="stable")
-    # Clipped: an id past the largest of another source's would index out of range before the check below.
-    pos = order[np.minimum(np.searchsorted(src_ids, ids, sorter=order), len(order) - 1)]
-    if len(src_ids) == 0 or not np.array_equal(src_ids[pos], ids):
-        raise ValueError("the source given for the report is not the one that was embedded (sample ids differ); "
-                         "pass the same --data as for the selection")
-    return pos
+    from clipsel_jax.data.sources import positions_of
+
+    return positions_of(source, ids)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_report_with_another_data_set_exits_2(tmp_path, capsys):
         for i in range(2):
             Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / "other" / c / f"{i}.png")
     assert main(["report", "--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "other")]) == 2
-    assert "not the one that was embedded" in capsys.readouterr().err
+    assert "not the one the selection was made from" in capsys.readouterr().err
 
 
 def test_class_names_are_never_mathtext(tmp_path):

@@ -9,33 +9,12 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 import clipsel_jax as cs  # noqa: E402
 from clipsel_jax.data.sources import TFDSSource, TFDSStreamSource  # noqa: E402
-
-
-class TinyImages(tfds.core.GeneratorBasedBuilder):
-    """23 images of varied sizes, 3 classes."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=["cat", "dog", "owl"])}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(23)}
-
-    def _generate_examples(self, n):
-        rng = np.random.default_rng(0)
-        for i in range(n):
-            yield i, {"image": rng.integers(0, 256, (20 + i % 3, 24 + i % 5, 3), dtype=np.uint8), "label": i % 3}
+from tfds_fixtures import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfds")
-    for fmt in ("tfrecord", "array_record"):
-        TinyImages(data_dir=str(root / fmt), file_format=fmt).download_and_prepare()
-    return root
+    return prepare(tmp_path_factory.mktemp("tfds"))
 
 
 def test_tfrecord_set_streams_through_tf_data_and_matches_array_record(prepared, tmp_path, tiny_clip_folder):

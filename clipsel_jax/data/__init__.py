@@ -2,7 +2,7 @@
 
 from clipsel_jax.data.demo import demo, demo_mislabeled
 from clipsel_jax.data.sources import (ArraySource, ImageFolder, Source, TFDSSource, UnreadableImage, from_arrays,
-                                      image_folder, tfds_source)
+                                      image_folder, open_source, positions_of, source_spec, tfds_source)
 
-__all__ = ["demo", "demo_mislabeled", "ArraySource", "ImageFolder", "Source", "TFDSSource", "UnreadableImage", "from_arrays", "image_folder",
-           "tfds_source"]
+__all__ = ["demo", "demo_mislabeled", "ArraySource", "ImageFolder", "Source", "TFDSSource", "UnreadableImage",
+           "from_arrays", "image_folder", "open_source", "positions_of", "source_spec", "tfds_source"]

@@ -174,19 +174,31 @@ class ImageFolder(Source):
     def describe(self, i: int) -> str:
         return self.files[i]
 
-    def read(self, i: int) -> np.ndarray:
+    def read_bytes(self, i: int) -> bytes:
+        """The stored file of sample i, undecoded (UnreadableImage where it cannot be read)."""
         if self._zip_path is None:
-            data = _read_file(self.files[i])
-        else:
-            zf = getattr(self._local, "zf", None)
-            if zf is None:
-                zf = self._local.zf = zipfile.ZipFile(self._zip_path)
-            try:
-                data = zf.read(self.files[i])
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
-                # a damaged entry (bad CRC, truncated), an unsupported compression, or encrypted
-                raise UnreadableImage(f"zip entry: {type(e).__name__}: {e}") from None
-        return decode_image(data, self.max_image_pixels)
+            return _read_file(self.files[i])
+        zf = getattr(self._local, "zf", None)
+        if zf is None:
+            zf = self._local.zf = zipfile.ZipFile(self._zip_path)
+        try:
+            return zf.read(self.files[i])
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+            # a damaged entry (bad CRC, truncated), an unsupported compression, or encrypted
+            raise UnreadableImage(f"zip entry: {type(e).__name__}: {e}") from None
+
+    def read(self, i: int) -> np.ndarray:
+        return decode_image(self.read_bytes(i), self.max_image_pixels)
+
+    @property
+    def is_zip(self) -> bool:
+        return self._zip_path is not None
+
+    def path_of(self, i: int) -> str:
+        """Where sample i lives, as another program can open it: the absolute file path, or ARCHIVE.zip:entry."""
+        if self._zip_path is not None:
+            return f"{Path(self._zip_path).resolve()}:{self.files[i]}"
+        return str(Path(self.files[i]).absolute())
 
     def fingerprint(self) -> str:
         """Identity of the listing and contents (paths, labels, and each file's CRC in a zip or size and
@@ -591,3 +603,64 @@ def tfds_source(name: str, split: str = "train", data_dir: str | None = None, im
                                  "without TensorFlow")
             return TFDSStreamSource(name, split, data_dir, image_key, label_key, builder, max_image_pixels)
     return TFDSSource(name, split, data_dir, image_key, label_key, max_image_pixels)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Opening a source from its description (the CLI's --data, and a workdir's record of it)
+
+DEMO = "demo"  # the 2,000-image CIFAR-10 set shipped in the package
+
+
+def open_source(path: str, subdir: str | None = None, tfds_data_dir: str | None = None,
+                class_names: str | None = None, max_image_pixels: int | None = None) -> Source:
+    """The source a ``--data`` value names: a folder or .zip of ``<class>/<file>`` images (``archive.zip:inner``),
+    ``tfds:NAME`` (subdir: the split, default train), or ``demo``. class_names: a file of readable names (see
+    clipsel_jax.text.readable_class_names); max_image_pixels: None keeps the source's default."""
+    if path == DEMO:
+        from clipsel_jax.data.demo import demo
+
+        source = demo()
+    elif path.startswith("tfds:"):
+        source = tfds_source(path[len("tfds:"):], subdir or "train", data_dir=tfds_data_dir)
+    else:
+        source = image_folder(path, subdir)
+    if max_image_pixels is not None:
+        source.max_image_pixels = max_image_pixels
+    if class_names:
+        from clipsel_jax.text import readable_class_names
+
+        source.class_names = readable_class_names(source.class_names, class_names)
+    return source
+
+
+def source_spec(path: str | None, subdir: str | None = None, tfds_data_dir: str | None = None,
+                class_names: str | None = None) -> dict:
+    """How a source was opened, with absolute paths (recorded in meta.json as ``data_spec``), so that later
+    commands (report, export) can open it again from another working directory."""
+    def absolute(p):
+        return p if p is None or p == DEMO or p.startswith("tfds:") else str(Path(p).expanduser().resolve())
+
+    if path and ".zip:" in path and path != DEMO:
+        archive, inner = path.split(".zip:", 1)
+        path = absolute(archive + ".zip") + ":" + inner
+    else:
+        path = absolute(path)
+    return {"data": path, "subdir": subdir, "tfds_data_dir": absolute(tfds_data_dir),
+            "class_names": absolute(class_names)}
+
+
+def positions_of(source: Source, ids) -> np.ndarray:
+    """Positions in `source` (what read() takes) of the given sample ids (stable ids, e.g. a selection's); a
+    ValueError when any id is not in the source (another data set, or it changed since)."""
+    ids = np.asarray(ids, np.int64)
+    src_ids = np.asarray(source.ids)
+    if len(src_ids) == 0:
+        raise ValueError("the source holds no samples; pass the --data the selection was made from")
+    order = np.argsort(src_ids, kind="stable")
+    # Clipped: an id past the largest of another source's would index out of range before the check below.
+    pos = order[np.minimum(np.searchsorted(src_ids, ids, sorter=order), len(order) - 1)]
+    if not np.array_equal(src_ids[pos], ids):
+        missing = ids[src_ids[pos] != ids]
+        raise ValueError(f"the source is not the one the selection was made from: {len(missing)} sample ids are not "
+                         f"in it (first: {int(missing[0])}); pass the same --data as for the selection")
+    return pos
