@@ -371,3 +371,39 @@ def test_export_of_a_tfds_selection_reopens_the_recorded_source(tfds_selected, t
         image, label = source.read_example(int(p.stem))
         np.testing.assert_array_equal(np.asarray(Image.open(p)), image)
         assert p.parent.name == ["cat", "dog", "owl"][label]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Caches follow the environment
+
+
+@pytest.mark.slow  # subprocesses: the cache locations are read when huggingface_hub / tfds are imported
+def test_caches_follow_hf_home_and_tfds_data_dir(tmp_path, tiny_clip_folder, tfds_selected):
+    """HF_HOME decides where hub ids are looked up (a pre-filled cache loads offline), TFDS_DATA_DIR where tfds:
+    sets are found, and `clipsel info` says where both live."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, _, _ = tfds_selected
+    snap = tmp_path / "hf" / "hub" / "models--someorg--tiny-clip" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_clip_folder, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TFDS_DATA_DIR=str(root / "array_record"),
+               JAX_PLATFORMS="cpu")
+
+    def clipsel(*args):
+        r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    info = json.loads(clipsel("info"))
+    assert info["caches"]["huggingface_hub"] == str(tmp_path / "hf" / "hub")
+    assert info["caches"]["tfds_data_dir"] == str(root / "array_record")
+    clipsel("embed", "--encoder", "someorg/tiny-clip", "--data", "tfds:tiny_images", "--out", str(tmp_path / "e.npz"),
+            "--quiet", "--cpu-devices", "1")
+    with np.load(tmp_path / "e.npz") as z:
+        assert z["image_emb"].shape[0] == 23
