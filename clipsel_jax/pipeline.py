@@ -289,8 +289,9 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
     report.html; see clipsel_jax.report). Embeddings are cached in chunks under workdir/embeddings (a rerun, or a
     run resumed after a kill, reuses finished chunks); adapter and selection checkpoints live in workdir too.
     `prompts`: a template or list of templates (default "A photo of a {}."); `embed_options` go to ``embed``
-    (batch_size, workers, limit, ...); `data_spec` (how to reopen the source; recorded in meta.json for
-    `clipsel report`); `options` go to select_from_embeddings.
+    (batch_size, workers, limit, ...); `data_spec` (how to reopen the source, recorded in meta.json for `clipsel
+    report` / `export`; default: the source's own ``spec()``, none for arrays); `options` go to
+    select_from_embeddings.
 
     Returns a Selection whose indices and mask refer to the embedded samples; `ids` maps them to the source's
     sample ids (unreadable images are excluded and listed in meta["unreadable"]). On several processes every
@@ -308,6 +309,10 @@ def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *,
     sel = select_from_embeddings(e.image_emb, e.labels, e.text_emb, ratio, seed, ids=e.ids, workdir=workdir,
                                  progress=progress, **options)
     meta = {"unreadable": e.unreadable, "class_names": e.class_names, "encoder": enc.identity, "prompts": e.prompts,
-            "source": repr(source), **({"data_spec": data_spec} if data_spec is not None else {})}
+            "source": repr(source)}
+    # folders, zips and TFDS sets know how to open themselves again (clipsel report / export, subset.load_kept)
+    data_spec = data_spec or getattr(source, "spec", lambda: None)()
+    if data_spec is not None:
+        meta["data_spec"] = data_spec
     write_selection(workdir, sel, e.labels, e.class_names, source, report=report, meta=meta)
     return sel

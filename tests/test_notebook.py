@@ -24,4 +24,6 @@ def test_quickstart_notebook_executes(tmp_path):
     assert "kept 1000 of 2000" in text and "known mislabeled: True" in text
     assert "<iframe srcdoc=" in outputs[max(outputs)] and "Lowest alignment" in outputs[max(outputs)]
     assert (tmp_path / "out" / "quickstart" / "report.html").is_file()
+    assert "images read; exactly the kept ones: True" in text and "accuracy on the 100 held-out images" in text
+    assert len(list((tmp_path / "out" / "quickstart_subset").glob("*/*.jpg"))) == 1000
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))

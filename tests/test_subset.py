@@ -65,9 +65,8 @@ def selected(tmp_path_factory, tiny_clip_folder):
     images = make_folder(root / "images")
     source = cs.data.image_folder(str(images))
     work = root / "work"
-    sel = cs.select(source, 0.5, str(tiny_clip_folder), work, progress=False, report=False, adapter=None,
-                    data_spec=source_spec(str(images)))
-    return images, work, sel
+    sel = cs.select(source, 0.5, str(tiny_clip_folder), work, progress=False, report=False, adapter=None)
+    return images, work, sel  # the source's own spec() is recorded: load_kept(work).open_source() works
 
 
 def test_load_kept_matches_the_selection(selected):
@@ -114,6 +113,9 @@ def test_arrays_and_zips_give_the_same_kept_samples(selected, tmp_path):
     zipped = cs.data.image_folder(f"{tmp_path / 'set.zip'}:images")
     arrays = cs.data.from_arrays(np.stack([folder.read(i) for i in range(len(folder))]), folder.labels, CLASSES)
     expected = [folder.read(int(i)) for i in sel.indices]
+    spec = zipped.spec()  # a zip's spec opens the same source again; arrays have none
+    assert cs.data.open_source(spec["data"], spec["subdir"]).fingerprint() == zipped.fingerprint()
+    assert arrays.spec() is None
     for source in (zipped, arrays):
         sub = subset.kept_source(source, work)
         assert len(sub) == 15

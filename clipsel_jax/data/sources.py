@@ -142,6 +142,10 @@ class Source:
         """The label without decoding the image (-1 where unknown: a record that cannot be read at all)."""
         return int(self.labels[i])
 
+    def spec(self) -> dict | None:
+        """How to open this source again (see source_spec), or None where it cannot be (arrays in memory)."""
+        return None
+
     def __repr__(self):
         return f"{type(self).__name__}({len(self)} samples, {len(self.class_names)} classes)"
 
@@ -193,6 +197,11 @@ class ImageFolder(Source):
     @property
     def is_zip(self) -> bool:
         return self._zip_path is not None
+
+    def spec(self) -> dict:
+        if self._zip_path is not None:
+            return source_spec(str(Path(self._zip_path).resolve()), self.location.rsplit(":", 1)[1] or None)
+        return source_spec(self.location)
 
     def path_of(self, i: int) -> str:
         """Where sample i lives, as another program can open it: the absolute file path, or ARCHIVE.zip:entry."""
@@ -445,6 +454,9 @@ class TFDSSource(Source):
     def __len__(self) -> int:
         return len(self._ds)
 
+    def spec(self) -> dict:
+        return source_spec(f"tfds:{self.name}", self.split, self.data_dir)
+
     def describe(self, i: int) -> str:
         return f"{self.full_name}[{self.split}][{i}]"
 
@@ -502,6 +514,9 @@ class TFDSStreamSource(Source):
 
     def __len__(self) -> int:
         return self._n
+
+    def spec(self) -> dict:
+        return source_spec(f"tfds:{self.name}", self.split, self.data_dir)
 
     def describe(self, i: int) -> str:
         return f"{self.full_name}[{self.split}][{i}]"
