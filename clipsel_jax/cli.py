@@ -215,17 +215,35 @@ def _require_ratio(cfg) -> float:
     return cfg.ratio
 
 
+def _save(path, save) -> None:
+    """save(local_path) for an output file given as a path or a URL (gs://...: written locally, uploaded whole)."""
+    from clipsel_jax import storage
+
+    with storage.output_file(path) as local:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        save(local)
+
+
 def _load_embeddings(path, what="--embeddings"):
+    from clipsel_jax import storage
     from clipsel_jax.embedding import Embeddings
 
     if path is None:
         raise UsageError(f"{what} is required: an .npz written by `clipsel embed` (or `clipsel adapt`)")
+    if storage.is_remote(path):
+        with storage.input_file(path) as local:
+            return _load_embeddings(local, what)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path!r} does not exist; write it with `clipsel embed --out {path}`")
     try:
         return Embeddings.load(path)
     except (KeyError, ValueError, OSError) as e:
         raise UsageError(f"{path} is not an embeddings file of `clipsel embed` ({type(e).__name__}: {e})") from None
+
+
+def _workdir_shown(args) -> str:
+    """The workdir as the user gave it (a gs:// URL stays a URL; the run itself works in its local mirror)."""
+    return str(getattr(args, "workdir_url", None) or args.cfg.workdir)
 
 
 def _say(args, msg):  # what is happening, on stderr (--quiet only hides the progress bars)
@@ -269,7 +287,7 @@ def cmd_select(args) -> int:
         sel = select(source, ratio, enc, workdir, cfg.seed, prompts=list(cfg.embed.prompts),
                      embed_options={"batch_size": cfg.embed.batch_size, "workers": cfg.embed.workers, "limit": limit},
                      progress=not args.quiet, report=not args.no_report, data_spec=_data_spec(cfg.data), **options)
-    summary = {"workdir": str(workdir), "samples": int(len(sel.mask)), "kept": int(len(sel.indices)),
+    summary = {"workdir": _workdir_shown(args), "samples": int(len(sel.mask)), "kept": int(len(sel.indices)),
                "unreadable": len(sel.meta.get("unreadable") or []),
                "label_disagrees_with_preferred": sel.meta["label_disagrees_with_preferred"],
                "seconds": round(time.perf_counter() - t0, 1)}
@@ -281,7 +299,8 @@ def cmd_select(args) -> int:
     if _primary():
         print(json.dumps(summary))
         if not args.no_report:
-            _say(args, f"report: {(workdir / 'report.html').resolve()}")
+            shown = _workdir_shown(args)
+            _say(args, f"report: {shown + '/report.html' if shown != str(workdir) else (workdir / 'report.html').resolve()}")
     return 0
 
 
@@ -291,7 +310,7 @@ def cmd_embed(args) -> int:
     cfg = args.cfg
     if args.out is None and cfg.workdir is None:
         raise UsageError("give --out FILE.npz (and/or --workdir DIR, whose embeddings.npz is then the output)")
-    out = Path(args.out) if args.out else Path(cfg.workdir) / "embeddings.npz"
+    out = args.out or Path(cfg.workdir) / "embeddings.npz"
     source = _source(cfg.data)
     _say(args, f"source: {len(source)} images in {len(source.class_names)} classes from {cfg.data.path}")
     t0 = time.perf_counter()
@@ -300,8 +319,7 @@ def cmd_embed(args) -> int:
     emb = embed(source, enc, cfg.workdir, list(cfg.embed.prompts), batch_size=cfg.embed.batch_size,
                 workers=cfg.embed.workers, limit=cfg.embed.limit, progress=not args.quiet)
     if _primary():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        emb.save(out)
+        _save(out, emb.save)
         print(json.dumps({"out": str(out), "images": int(len(emb.ids)), "unreadable": len(emb.unreadable),
                           "classes": len(emb.class_names), "image_dim": int(emb.image_emb.shape[1]),
                           "text_dim": int(emb.text_emb.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}))
@@ -321,12 +339,11 @@ def cmd_adapt(args) -> int:
     t0 = time.perf_counter()
     a = adapt(e.image_emb, e.labels, e.text_emb, adapter, seed=cfg.seed, workdir=cfg.workdir,
               progress=not args.quiet)
-    out = Path(args.out) if args.out else Path(cfg.workdir) / "adapted.npz"
+    out = args.out or Path(cfg.workdir) / "adapted.npz"
     if _primary():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        dataclasses.replace(e, image_emb=a.image, text_emb=a.text, logit_scale=a.logit_scale).save(out)
+        _save(out, dataclasses.replace(e, image_emb=a.image, text_emb=a.text, logit_scale=a.logit_scale).save)
         loss = a.history["loss"]
-        print(json.dumps({"out": str(out), "checkpoints": str(Path(cfg.workdir) / "adapters"),
+        print(json.dumps({"out": str(out), "checkpoints": _workdir_shown(args) + "/adapters",
                           "shared_dim": int(a.image.shape[1]), "epochs": len(loss),
                           "logit_scale": round(a.logit_scale, 4),
                           "resumed_from": a.history.get("resumed_from"),
@@ -359,23 +376,25 @@ def cmd_score(args) -> int:
     sc = score_samples(e.image_emb, e.text_emb, e.labels, a, alignment=alignment, temperature=temperature,
                        k=d.k_neighbors, k_fraction=d.k_fraction,
                        reference_threshold=d.reference_threshold, reference_size=d.reference_size, seed=cfg.seed)
-    out = Path(args.out)
+    out = str(args.out)
+    npz = (out.rsplit(".", 1)[0] if "." in out.rsplit("/", 1)[-1] else out) + ".npz"
     if _primary():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out.with_suffix(".npz"), ids=e.ids, labels=e.labels, sas=sc.sas, cosine=sc.cosine, sds=sc.sds,
-                 combined=sc.combined,
-                 preferred_class=sc.preferred_class, preferred_confidence=sc.preferred_confidence,
-                 sds_k=sc.diversity.k)
-        with open(out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label", "class_name", "preferred_class", "preferred_confidence", "sas", "sds",
-                        "combined"])
-            for i in range(len(e.ids)):
-                w.writerow([int(e.ids[i]), int(e.labels[i]), e.class_names[e.labels[i]],
-                            e.class_names[sc.preferred_class[i]], f"{sc.preferred_confidence[i]:.6f}",
-                            f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}",
-                            f"{sc.combined[i]:.6f}"])
-        print(json.dumps({"out": str(out), "npz": str(out.with_suffix(".npz")), "samples": int(len(e.ids)),
+        _save(npz, lambda path: np.savez(path, ids=e.ids, labels=e.labels, sas=sc.sas, cosine=sc.cosine,
+                                         sds=sc.sds, combined=sc.combined, preferred_class=sc.preferred_class,
+                                         preferred_confidence=sc.preferred_confidence, sds_k=sc.diversity.k))
+
+        def write_csv(path):
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "label", "class_name", "preferred_class", "preferred_confidence", "sas", "sds",
+                            "combined"])
+                for i in range(len(e.ids)):
+                    w.writerow([int(e.ids[i]), int(e.labels[i]), e.class_names[e.labels[i]],
+                                e.class_names[sc.preferred_class[i]], f"{sc.preferred_confidence[i]:.6f}",
+                                f"{sc.sas[i]:.6f}", f"{sc.sds[i]:.6f}", f"{sc.combined[i]:.6f}"])
+
+        _save(out, write_csv)
+        print(json.dumps({"out": out, "npz": npz, "samples": int(len(e.ids)),
                           "alpha": a, "alignment": alignment, "temperature": round(temperature, 4),
                           "label_disagrees_with_preferred": int((sc.preferred_class != e.labels).sum()),
                           "seconds": round(time.perf_counter() - t0, 1)}))
@@ -393,12 +412,14 @@ def cmd_report(args) -> int:
                           class_names=spec.get("class_names"), max_image_pixels=data.max_image_pixels)
     source = _source(data, required=False)
     out = write_report(args.cfg.workdir, source)
-    print(json.dumps({"report": str(out.resolve()), "images": source is not None}))
+    shown = _workdir_shown(args)
+    print(json.dumps({"report": shown + "/report.html" if shown != str(args.cfg.workdir) else str(out.resolve()),
+                      "images": source is not None}))
     return 0
 
 
 def cmd_export(args) -> int:
-    from clipsel_jax import subset
+    from clipsel_jax import storage, subset
 
     if args.to is None and args.list is None:
         raise UsageError("give --to DIR (a <class>/<file> folder of the kept images) and/or --list FILE.csv|.txt")
@@ -415,13 +436,17 @@ def cmd_export(args) -> int:
                          "--data, the images the embeddings were made from")
     else:
         source = None
-    out = {"workdir": str(args.cfg.workdir), "kept": len(kept)}
+    out = {"workdir": _workdir_shown(args), "kept": len(kept)}
     if args.list is not None:
-        out["list"] = str(subset.write_kept_list(kept, args.list, source))
+        with storage.output_file(args.list) as local:
+            subset.write_kept_list(kept, local, source)
+        out["list"] = str(args.list)
     if args.to is not None:
         _say(args, f"exporting {len(kept)} kept images to {args.to}")
-        out.update(subset.export_folder(source, kept, args.to, mode=args.mode, relabel=args.relabel,
-                                        progress=not args.quiet))
+        with storage.mirrored(args.to, hold=False) as local:  # a bucket: written locally, uploaded as it goes
+            out.update(subset.export_folder(source, kept, local, mode=args.mode, relabel=args.relabel,
+                                            progress=not args.quiet))
+        out["folder"] = str(args.to)
     print(json.dumps(out))
     return 0
 
@@ -590,6 +615,8 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import dataclasses
+
     from clipsel_jax.errors import CheckpointError
     from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
 
@@ -604,7 +631,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     command = args.command
     workdir = args.cfg.workdir if hasattr(args, "cfg") else args.workdir
-    if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+    from clipsel_jax import storage
+
+    remote = workdir is not None and storage.is_remote(workdir)
+    if remote and command == "bench":
+        print("clipsel bench: error: the benchmark's workdir must be a local folder (its parallel workers share it "
+              "through file locks); copy results.csv to a bucket afterwards", file=sys.stderr)
+        return 2
+    if not remote and workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
         print(f"clipsel {command}: error: --workdir {workdir} is a file, not a folder; give a folder (it is created "
               "if missing)", file=sys.stderr)
         return 2
@@ -617,7 +651,13 @@ def main(argv: list[str] | None = None) -> int:
         if cpu_devices is not None:
             use_cpu_devices(cpu_devices)
         initialize_distributed(args.distributed)
-        # One run per workdir (bench's workers share one on purpose, under its own per-row lock).
+        # One run per workdir (bench's workers share one on purpose, under its own per-row lock). A remote workdir
+        # (gs://...) is worked on through its synced local mirror (clipsel_jax.storage).
+        if remote and hasattr(args, "wait"):
+            with storage.mirrored(workdir, wait=args.wait) as local:
+                args.workdir_url = workdir
+                args.cfg = dataclasses.replace(args.cfg, workdir=str(local))
+                return args.func(args)
         with hold_workdir(workdir if hasattr(args, "wait") else None, wait=getattr(args, "wait", False)):
             return args.func(args)
     except (ValueError, FileNotFoundError, TypeError, CheckpointError, WorkdirBusy) as e:  # ours say what to do

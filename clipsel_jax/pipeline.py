@@ -163,7 +163,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         The samples' ids in their source, carried to the result (default 0..N-1).
     workdir : path or None
         Checkpoints of the adapters and of the selection loop (orbax); a rerun resumes where a killed run stopped.
-        Held for the call: a second run on it gets clipsel_jax.WorkdirBusy (see clipsel_jax.workdir_lock).
+        Held for the call: a second run on it gets clipsel_jax.WorkdirBusy (see clipsel_jax.workdir_lock). A URL
+        (gs://bucket/run, any fsspec scheme) works through a synced local mirror (clipsel_jax.storage).
     mesh : jax.sharding.Mesh or None
         The devices (default: all, one 'data' axis).
     progress : bool
@@ -281,6 +282,7 @@ def write_selection(workdir, sel: Selection, labels, class_names, source=None, *
             write_report(workdir, source)
 
 
+@with_workdir_lock
 def select(source, ratio: float, encoder, workdir: str | Path, seed: int = 0, *, prompts=None,
            embed_options: dict | None = None, progress: bool = True, report: bool = True,
            data_spec: dict | None = None, **options) -> Selection:

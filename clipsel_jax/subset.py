@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from clipsel_jax.data.sources import ImageFolder, Source, UnreadableImage, open_source, positions_of
+from clipsel_jax.storage import LOCAL_ONLY
 
 RECORD_INDEX = "record_index"  # the key the TFDS inputs add to each example: its index in the split
 EXPORT_MARKER = "clipsel_export.json"
@@ -76,8 +77,13 @@ class Kept:
 def load_kept(workdir) -> Kept:
     """The kept samples of the selection in `workdir` (selection.npz and meta.json of `clipsel select` or
     pipeline.write_selection). The files are checked as untrusted input: indices in range, one id and label per
-    sample, labels within the classes."""
+    sample, labels within the classes. A gs:// (any fsspec) workdir is read through its local mirror."""
+    from clipsel_jax import storage
     from clipsel_jax.report import load_outputs
+
+    if storage.is_remote(workdir):
+        with storage.mirrored(workdir, hold=False) as local:
+            return load_kept(local)
 
     try:
         a, meta = load_outputs(workdir)
@@ -464,7 +470,7 @@ def export_folder(source: Source, kept, to, *, mode: str = "link", relabel: floa
             if before != marker:
                 raise ValueError(f"{to} holds an export of another selection or with other settings; give an empty "
                                  "or new folder")
-        elif any(to.iterdir()):
+        elif any(p.name not in LOCAL_ONLY for p in to.iterdir()):  # a bucket's mirror holds its sync state
             raise ValueError(f"{to} is not empty and holds no export of clipsel; give an empty or new folder")
     to.mkdir(parents=True, exist_ok=True)
     (to / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")

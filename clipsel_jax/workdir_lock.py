@@ -166,12 +166,21 @@ def hold_workdir(workdir: str | Path | None, wait: bool | float = False):
 
 
 def with_workdir_lock(fn):
-    """Decorator: `fn` holds its `workdir` argument (if not None) while it runs, without waiting."""
+    """Decorator: `fn` holds its `workdir` argument (if not None) while it runs, without waiting. A remote workdir
+    (gs://..., see clipsel_jax.storage) is mirrored locally for the call, and `fn` gets the local mirror."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with hold_workdir(signature.bind(*args, **kwargs).arguments.get("workdir")):
+        from clipsel_jax import storage
+
+        bound = signature.bind(*args, **kwargs)
+        workdir = bound.arguments.get("workdir")
+        if workdir is not None and storage.is_remote(workdir):
+            with storage.mirrored(workdir) as local:
+                bound.arguments["workdir"] = local
+                return fn(*bound.args, **bound.kwargs)
+        with hold_workdir(workdir):
             return fn(*args, **kwargs)
 
     return wrapper

@@ -208,7 +208,6 @@ def test_export_from_a_zip_and_from_arrays(selected, tmp_path):
 def test_relabel_moves_confident_disagreements_and_lists_them(tmp_path):
     """A selection whose preferred classes disagree with some labels, written by the real writer: --relabel moves
     the confident ones only, lists each move, and never writes outside the folder whatever the class names."""
-    root = tmp_path / "images"
     names = ["a", "../b", "."]  # a class name that is a path, and one that is '.'
     rng = np.random.default_rng(1)
     ims = rng.integers(0, 256, (9, 6, 6, 3), dtype=np.uint8)
