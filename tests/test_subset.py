@@ -85,11 +85,23 @@ def test_load_kept_matches_the_selection(selected):
     assert kept.open_source().fingerprint() == cs.data.image_folder(str(images)).fingerprint()
 
 
-def test_folder_selection_trains_on_the_kept_samples_only(selected):
+def sources_of(images, tmp_path):
+    """The selection's images as a folder, a zip and arrays in memory (the same ids and labels)."""
+    folder = cs.data.image_folder(str(images))
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as zf:
+        for f in folder.files:
+            zf.write(f, os.path.relpath(f, images.parent))
+    zipped = cs.data.image_folder(f"{tmp_path / 'set.zip'}:images")
+    arrays = cs.data.from_arrays(np.stack([folder.read(i) for i in range(len(folder))]), folder.labels, CLASSES)
+    return {"folder": folder, "zip": zipped, "arrays": arrays}
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip", "arrays"])
+def test_each_source_trains_on_the_kept_samples_only(selected, tmp_path, kind):
     """select -> grain dataset of the kept samples -> a few training steps: exactly the kept ids were read, and
     the images and labels are the source's."""
     images, work, sel = selected
-    source = Recording(cs.data.image_folder(str(images)))
+    source = Recording(sources_of(images, tmp_path)[kind])
     ds = subset.grain_dataset(source, work).batch(5)
     batches = list(ds)
     assert sorted(source.read_ids) == sorted(sel.ids[sel.indices].tolist())  # nothing dropped was read
@@ -106,12 +118,7 @@ def test_folder_selection_trains_on_the_kept_samples_only(selected):
 
 def test_arrays_and_zips_give_the_same_kept_samples(selected, tmp_path):
     images, work, sel = selected
-    folder = cs.data.image_folder(str(images))
-    with zipfile.ZipFile(tmp_path / "set.zip", "w") as zf:
-        for f in folder.files:
-            zf.write(f, os.path.relpath(f, images.parent))
-    zipped = cs.data.image_folder(f"{tmp_path / 'set.zip'}:images")
-    arrays = cs.data.from_arrays(np.stack([folder.read(i) for i in range(len(folder))]), folder.labels, CLASSES)
+    folder, zipped, arrays = sources_of(images, tmp_path).values()
     expected = [folder.read(int(i)) for i in sel.indices]
     spec = zipped.spec()  # a zip's spec opens the same source again; arrays have none
     assert cs.data.open_source(spec["data"], spec["subdir"]).fingerprint() == zipped.fingerprint()
@@ -162,6 +169,10 @@ def test_export_folder_links_lists_and_resumes(selected, tmp_path):
     assert written == sorted(os.path.relpath(f, images) for f in kept_files)  # <class>/<file>, nothing else
     for f in kept_files:  # hard links: the same file, no copy
         assert os.path.samefile(f, out / os.path.relpath(f, images))
+    exported = cs.data.image_folder(str(out))  # what any framework's folder reader sees: a few training steps
+    x = np.stack([exported.read(i) for i in range(len(exported))])
+    assert train_classifier(x, exported.labels, 3, x[:4], exported.labels[:4],
+                            config=TrainConfig(width=4, epochs=1, batch_size=8, min_steps=2)).train_size == 15
     with open(tmp_path / "kept.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["id"]) for r in rows] == sel.ids[sel.indices].tolist()
@@ -338,6 +349,7 @@ def test_tfds_array_record_kept_records_feed_a_jitted_step(tfds_selected):
 
 
 def test_tfds_tfrecord_kept_records_through_tf_data(tfds_selected):
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     root, work, sel = tfds_selected
@@ -350,6 +362,12 @@ def test_tfds_tfrecord_kept_records_through_tf_data(tfds_selected):
         ref = table[int(ex[subset.RECORD_INDEX])]
         np.testing.assert_array_equal(ex["image"], ref["image"])
         assert ex["label"] == ref["label"]
+    # ready for a training step: resized and batched in tf.data, one jitted step of a linear classifier
+    batch = next(ds.map(lambda ex: (tf.image.resize(ex["image"], (8, 8)) / 255.0, ex["label"])).batch(16)
+                 .as_numpy_iterator())
+    w, loss = jax.jit(lambda w, x, y: jax.value_and_grad(lambda w: -jnp.mean(jax.nn.log_softmax(
+        x.reshape(len(x), -1) @ w)[jnp.arange(len(y)), y]))(w)[::-1])(jnp.zeros((192, 3)), *batch)
+    assert batch[0].shape == (7, 8, 8, 3) and np.isclose(float(loss), np.log(3), atol=1e-5)
     # the kept ids alone, and their errors
     assert len(list(subset.tfds_tf_dataset("tiny_images", "train", kept[:2], data_dir=str(root / "tfrecord")))) == 2
     with pytest.raises(ValueError, match="within 0..22"):
