@@ -203,8 +203,9 @@ def mirrored(path, interval: float = 30.0, wait: bool | float = False, hold: boo
     """Use `path` as a local folder for the block: a local path as it is; a remote URL through its local mirror,
     pulled first, pushed every `interval` seconds by a background thread and at the end (also when the block
     raises). hold: hold the folder for the block (clipsel_jax.workdir_lock; for a remote URL the lock is on the
-    mirror: it keeps this host's runs apart, not other hosts'). With several JAX processes only process 0 uploads.
-    Yields the local path (None for None)."""
+    mirror: it keeps this host's runs apart, not other hosts'). A URL needs a single JAX process: the processes of
+    a multi-host run share checkpoint folders, which per-host mirrors are not. Yields the local path (None for
+    None)."""
     from clipsel_jax.workdir_lock import hold_workdir
 
     if path is None or not is_remote(path):
@@ -214,11 +215,13 @@ def mirrored(path, interval: float = 30.0, wait: bool | float = False, hold: boo
         return
     import jax
 
+    if jax.process_count() > 1:
+        raise ValueError(f"{path}: a bucket workdir works for one process; a multi-host run shares its workdir "
+                         "between hosts: mount the bucket on every host (gcsfuse) and give the mount's path")
     mirror = Mirror(str(path))
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold_workdir(mirror.local if hold else None, wait=wait))
         mirror.pull()
-        uploading = jax.process_index() == 0
         stop = threading.Event()
 
         def sync():
@@ -228,16 +231,14 @@ def mirrored(path, interval: float = 30.0, wait: bool | float = False, hold: boo
                 except Exception as e:  # a network hiccup: the next round (or the final push) tries again
                     warnings.warn(f"syncing {mirror.url} failed ({type(e).__name__}: {e}); retrying", stacklevel=1)
 
-        thread = threading.Thread(target=sync, name="clipsel-sync", daemon=True) if uploading else None
-        if thread:
-            thread.start()
+        thread = threading.Thread(target=sync, name="clipsel-sync", daemon=True)
+        thread.start()
         try:
             yield mirror.local
         finally:
             stop.set()
-            if thread:
-                thread.join()
-                mirror.push()
+            thread.join()
+            mirror.push()
 
 
 def reset_mirror(url: str) -> None:

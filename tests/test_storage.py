@@ -167,3 +167,12 @@ def test_cli_on_a_bucket_workdir(tmp_path, tiny_clip_folder, capsys):
                  "--adapter", "none", "--quiet", "--no-report"]) == 0
     assert main(["select", "--embeddings", f"{url}/missing.npz", "--workdir", f"{url}3", "--ratio", "0.5"]) == 2
     assert main(["bench", "--data", str(images), "--workdir", f"{url}4"]) == 2
+
+
+def test_a_bucket_workdir_refuses_several_processes(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # the multi-host case; its hosts would need one folder
+    with pytest.raises(ValueError, match="mount the bucket on every host"):
+        with storage.mirrored(f"{bucket(tmp_path)}/run"):
+            pass
