@@ -482,7 +482,7 @@ class TFDSSource(Source):
         return self._labels
 
     def fingerprint(self) -> str:
-        where = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else "default"
+        where = source_spec("tfds:", None, self.data_dir)["tfds_data_dir"] or "default"  # a gs:// dir stays a URL
         key = f"tfds\t{self.full_name}\t{self.split}\t{len(self)}\t{where}\t{self.image_key}\t{self.label_key}"
         key += _limit_tag(self.max_image_pixels)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -553,7 +553,7 @@ class TFDSStreamSource(Source):
         return self._labels
 
     def fingerprint(self) -> str:
-        where = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else "default"
+        where = source_spec("tfds:", None, self.data_dir)["tfds_data_dir"] or "default"  # a gs:// dir stays a URL
         key = (f"tfds-tfrecord\t{self.full_name}\t{self.split}\t{self._n}\t{where}\t{self.image_key}\t"
                f"{self.label_key}{_limit_tag(self.max_image_pixels)}")
         return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -652,8 +652,10 @@ def source_spec(path: str | None, subdir: str | None = None, tfds_data_dir: str 
                 class_names: str | None = None) -> dict:
     """How a source was opened, with absolute paths (recorded in meta.json as ``data_spec``), so that later
     commands (report, export) can open it again from another working directory."""
-    def absolute(p):
-        return p if p is None or p == DEMO or p.startswith("tfds:") else str(Path(p).expanduser().resolve())
+    def absolute(p):  # URLs (a TFDS data_dir in gs://) stay as they are
+        if p is None or p == DEMO or p.startswith("tfds:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", p):
+            return p
+        return str(Path(p).expanduser().resolve())
 
     if path and ".zip:" in path and path != DEMO:
         archive, inner = path.split(".zip:", 1)
