@@ -57,6 +57,9 @@ class Kept:
         from clipsel_jax import checks
 
         t = checks.number("min_confidence", min_confidence, lo=0, hi=1, lo_open=True)
+        if np.isnan(self.preferred_confidence).any():
+            raise ValueError("this selection has no preferred-class confidences (made by an older clipsel_jax): run "
+                             "`clipsel select` again to relabel")
         changed = (self.preferred_class != self.labels) & (self.preferred_confidence >= t)
         return np.where(changed, self.preferred_class, self.labels), changed
 
@@ -98,8 +101,14 @@ def load_kept(workdir) -> Kept:
     ids, labels, idx = (np.asarray(a[k]) for k in ("ids", "labels", "indices"))
     n = len(ids)
     names = meta.get("class_names") or [str(i) for i in range(int(meta.get("num_classes") or 0))]
+    spec = meta.get("data_spec")
     bad = None
-    if ids.ndim != 1 or labels.shape != ids.shape or idx.ndim != 1:
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        bad = "meta.json's class_names must be a list of names"
+    elif spec is not None and (not isinstance(spec, dict) or not all(
+            v is None or isinstance(v, str) for v in spec.values())):
+        bad = "meta.json's data_spec must map names to paths"
+    elif ids.ndim != 1 or labels.shape != ids.shape or idx.ndim != 1:
         bad = f"ids {ids.shape}, labels {labels.shape} and indices {idx.shape} must be 1-D, ids and labels alike"
     elif not all(np.issubdtype(x.dtype, np.integer) for x in (ids, labels, idx)):
         bad = "ids, labels and indices must be integers"
@@ -108,7 +117,7 @@ def load_kept(workdir) -> Kept:
     elif n and (labels.min() < 0 or labels.max() >= len(names)):
         bad = f"labels must be within 0..{len(names) - 1} (the {len(names)} classes of meta.json)"
     if bad is not None:
-        raise ValueError(f"{workdir}: selection.npz is inconsistent ({bad}); run `clipsel select` again")
+        raise ValueError(f"{workdir}: the selection files are inconsistent ({bad}); run `clipsel select` again")
     pref = np.asarray(a.get("preferred_class", labels))
     conf = np.asarray(a["preferred_confidence"] if "preferred_confidence" in a else np.full(n, np.nan), np.float32)
     if pref.shape != (n,) or conf.shape != (n,) or (n and (pref.min() < 0 or pref.max() >= len(names))):
@@ -116,7 +125,7 @@ def load_kept(workdir) -> Kept:
                          "`clipsel select` again")
     kept_ids, kept_labels = ids[idx].astype(np.int64), labels[idx].astype(np.int64)
     h = hashlib.sha256(kept_ids.tobytes() + kept_labels.tobytes()).hexdigest()[:16]
-    return Kept(kept_ids, kept_labels, pref[idx].astype(np.int64), conf[idx], list(names), meta.get("data_spec"), h)
+    return Kept(kept_ids, kept_labels, pref[idx].astype(np.int64), conf[idx], list(names), spec, h)
 
 
 def as_kept(kept) -> Kept | np.ndarray:

@@ -270,6 +270,16 @@ def test_bad_workdirs_are_clear_errors(tmp_path, capsys):
         with pytest.raises(ValueError, match="inconsistent"):
             subset.load_kept(tmp_path / "w")
         write_outputs(tmp_path / "w", sel, sel.ids, labels, ["x", "y"])
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    for bad in (dict(class_names="xy"), dict(data_spec=["/etc"]), dict(data_spec={"data": 3})):
+        (tmp_path / "w" / "meta.json").write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(ValueError, match="inconsistent"):
+            subset.load_kept(tmp_path / "w")
+    (tmp_path / "w" / "meta.json").write_text(json.dumps(meta))
+    z = dict(np.load(tmp_path / "w" / "selection.npz"))
+    np.savez(tmp_path / "w" / "selection.npz", **{k: v for k, v in z.items() if k != "preferred_confidence"})
+    with pytest.raises(ValueError, match="older clipsel_jax"):  # a selection of an older version: no relabelling
+        subset.load_kept(tmp_path / "w").relabel(0.9)
     (tmp_path / "w" / "selection.npz").write_bytes(b"PK\x03\x04 not a zip")
     assert main(["export", "--workdir", str(tmp_path / "w"), "--list", str(tmp_path / "k.txt")]) == 2
     assert "cannot be read" in capsys.readouterr().err
