@@ -113,6 +113,10 @@ class Mirror:
             if info.get("type", "file") != "file":
                 continue
             rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path.rsplit("/", 1)[-1]
+            if any(part in ("", ".", "..") for part in rel.split("/")) or "\\" in rel:
+                # object names are data: one with '..' would be written outside the mirror
+                warnings.warn(f"{self.url}: object {rel!r} has an unsafe name and is skipped", stacklevel=3)
+                continue
             out[rel] = _identity(info)
         return out
 

@@ -176,3 +176,14 @@ def test_a_bucket_workdir_refuses_several_processes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="mount the bucket on every host"):
         with storage.mirrored(f"{bucket(tmp_path)}/run"):
             pass
+
+
+def test_objects_with_unsafe_names_are_never_written_outside_the_mirror(tmp_path):
+    url = f"{bucket(tmp_path)}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe({f"{root}/ok.txt": b"fine", f"{root}/sub/../../escape.txt": b"evil", f"{root}/a\\b.txt": b"odd"})
+    m = storage.Mirror(url)
+    with pytest.warns(UserWarning, match="unsafe name"):
+        m.pull()
+    assert sorted(p.name for p in m.local.rglob("*") if p.is_file()) == [".clipsel_sync.json", "ok.txt"]
+    assert not (m.local.parent / "escape.txt").exists()
