@@ -95,3 +95,19 @@ def test_padding_rows_give_finite_gradients():
         grads = jax.grad(lambda p: contrastive_loss(nnx.merge(graphdef, p), jnp.asarray(x), y, valid, text, loss))(
             params)
         assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), loss
+
+
+def test_adapting_once_then_selecting_is_the_one_call():
+    """The adaptation stage run once and its features selected from (what the benchmark does to share adapters
+    across ratios and methods) gives the one-call selection, for both methods."""
+    import clipsel_jax as cs
+    from clipsel_jax.adapt import adapt
+
+    x, y, t = unaligned(seed=4)
+    a = adapt(x, y, t, cs.AdaptConfig(epochs=3), seed=2)
+    for method in ("clipsel", "paper"):
+        one = cs.select_from_embeddings(x, y, t, 0.3, seed=2, adapter=cs.AdaptConfig(epochs=3), method=method)
+        two = cs.select_from_embeddings(a.image, y, a.text, 0.3, seed=2, adapter=None, method=method,
+                                        temperature=a.logit_scale)
+        np.testing.assert_array_equal(one.mask, two.mask)
+        np.testing.assert_array_equal(one.scores["combined"], two.scores["combined"])

@@ -161,6 +161,22 @@ def test_bench_refuses_pair_noise_it_cannot_place_and_an_earlier_results_file(tm
     assert "written by an earlier clipsel bench" in capsys.readouterr().err
 
 
+def test_bench_trains_the_adapters_of_a_label_set_once(tmp_path, tiny_clip_folder):
+    """Two ratios x clipsel, clipsel_paper and ccs: one adapter training, reused by every row (and by a rerun);
+    each row's select_s still counts it."""
+    data = _image_set(tmp_path / "c.zip")
+    work = tmp_path / "bench"
+    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip_folder),
+            "--methods", "clipsel", "clipsel_paper", "ccs", "--ratios", "0.3", "0.5", "--noise", "symmetric:0.3",
+            "--seeds", "0"]
+    assert main(argv) == 0
+    where = work / "adapters" / "symmetric0.3_seed0"
+    assert [p.name for p in (where / "adapters").iterdir() if p.name.isdigit()] != []
+    trained = json.loads((where / "adapt_s.json").read_text())["seconds"]
+    rows = _rows(work)
+    assert len(rows) == 6 and all(float(r["select_s"]) >= round(trained, 2) for r in rows)
+
+
 @pytest.mark.slow
 def test_bench_noise_kinds_references_archs_and_resume(tmp_path, tiny_clip_folder, capsys):
     """pair (from a map file) and corrupt noise, both references, two architectures, the corrupted images'
