@@ -443,7 +443,7 @@ def cmd_export(args) -> int:
         out["list"] = str(args.list)
     if args.to is not None:
         _say(args, f"exporting {len(kept)} kept images to {args.to}")
-        with storage.mirrored(args.to, hold=False) as local:  # a bucket: written locally, uploaded as it goes
+        with storage.synced(args.to) as local:  # a bucket: written locally, uploaded as it goes and at the end
             out.update(subset.export_folder(source, kept, local, mode=args.mode, relabel=args.relabel,
                                             progress=not args.quiet))
         out["folder"] = str(args.to)
@@ -654,7 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         # One run per workdir (bench's workers share one on purpose, under its own per-row lock). A remote workdir
         # (gs://...) is worked on through its synced local mirror (clipsel_jax.storage).
         if remote and hasattr(args, "wait"):
-            with storage.mirrored(workdir, wait=args.wait) as local:
+            from clipsel_jax.workdir_lock import workspace
+
+            with workspace(workdir, wait=args.wait) as local:
                 args.workdir_url = workdir
                 args.cfg = dataclasses.replace(args.cfg, workdir=str(local))
                 return args.func(args)

@@ -45,7 +45,7 @@ def is_remote(path) -> bool:
 
 
 def local_path(path) -> Path:
-    """A local path (file:// stripped); a ValueError for a remote URL (those go through `mirrored`)."""
+    """A local path (file:// stripped); a ValueError for a remote URL (those go through `synced`)."""
     if is_remote(path):
         raise ValueError(f"{path} is a remote URL; this needs a local path")
     s = str(path)
@@ -203,19 +203,14 @@ def _identity(info: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def mirrored(path, interval: float = 30.0, wait: bool | float = False, hold: bool = True):
+def synced(path, interval: float = 30.0):
     """Use `path` as a local folder for the block: a local path as it is; a remote URL through its local mirror,
     pulled first, pushed every `interval` seconds by a background thread and at the end (also when the block
-    raises). hold: hold the folder for the block (clipsel_jax.workdir_lock; for a remote URL the lock is on the
-    mirror: it keeps this host's runs apart, not other hosts'). A URL needs a single JAX process: the processes of
-    a multi-host run share checkpoint folders, which per-host mirrors are not. Yields the local path (None for
-    None)."""
-    from clipsel_jax.workdir_lock import hold_workdir
-
+    raises). No lock is taken here: workdirs are held through clipsel_jax.workdir_lock.workspace, which holds the
+    mirror before it is pulled. A URL needs a single JAX process: the processes of a multi-host run share
+    checkpoint folders, which per-host mirrors are not. Yields the local path (None for None)."""
     if path is None or not is_remote(path):
-        local = None if path is None else local_path(path)
-        with hold_workdir(local if hold else None, wait=wait):
-            yield local
+        yield None if path is None else local_path(path)
         return
     import jax
 
@@ -223,26 +218,24 @@ def mirrored(path, interval: float = 30.0, wait: bool | float = False, hold: boo
         raise ValueError(f"{path}: a bucket workdir works for one process; a multi-host run shares its workdir "
                          "between hosts: mount the bucket on every host (gcsfuse) and give the mount's path")
     mirror = Mirror(str(path))
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(hold_workdir(mirror.local if hold else None, wait=wait))
-        mirror.pull()
-        stop = threading.Event()
+    mirror.pull()
+    stop = threading.Event()
 
-        def sync():
-            while not stop.wait(interval):
-                try:
-                    mirror.push()
-                except Exception as e:  # a network hiccup: the next round (or the final push) tries again
-                    warnings.warn(f"syncing {mirror.url} failed ({type(e).__name__}: {e}); retrying", stacklevel=1)
+    def sync():
+        while not stop.wait(interval):
+            try:
+                mirror.push()
+            except Exception as e:  # a network hiccup: the next round (or the final push) tries again
+                warnings.warn(f"syncing {mirror.url} failed ({type(e).__name__}: {e}); retrying", stacklevel=1)
 
-        thread = threading.Thread(target=sync, name="clipsel-sync", daemon=True)
-        thread.start()
-        try:
-            yield mirror.local
-        finally:
-            stop.set()
-            thread.join()
-            mirror.push()
+    thread = threading.Thread(target=sync, name="clipsel-sync", daemon=True)
+    thread.start()
+    try:
+        yield mirror.local
+    finally:
+        stop.set()
+        thread.join()
+        mirror.push()
 
 
 def reset_mirror(url: str) -> None:

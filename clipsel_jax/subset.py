@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clipsel_jax.data.sources import ImageFolder, Source, UnreadableImage, open_source, positions_of
+from clipsel_jax.data.reopen import open_source
+from clipsel_jax.data.sources import ImageFolder, Source, UnreadableImage, positions_of
 from clipsel_jax.storage import LOCAL_ONLY
 
 RECORD_INDEX = "record_index"  # the key the TFDS inputs add to each example: its index in the split
@@ -85,7 +86,7 @@ def load_kept(workdir) -> Kept:
     from clipsel_jax.report import load_outputs
 
     if storage.is_remote(workdir):
-        with storage.mirrored(workdir, hold=False) as local:
+        with storage.synced(workdir) as local:
             return load_kept(local)
 
     try:

@@ -165,22 +165,32 @@ def hold_workdir(workdir: str | Path | None, wait: bool | float = False):
                 os.close(fd)
 
 
+@contextlib.contextmanager
+def workspace(workdir, wait: bool | float = False):
+    """Hold `workdir` for the block and yield it as a local folder: a local path as it is; a URL (gs://..., any
+    fsspec scheme) through its synced local mirror (clipsel_jax.storage), held before it is pulled, so that two
+    runs of this host never pull into, or write, one mirror at once."""
+    from clipsel_jax import storage
+
+    if workdir is None or not storage.is_remote(workdir):
+        with hold_workdir(workdir, wait=wait):
+            yield None if workdir is None else storage.local_path(workdir)
+        return
+    with hold_workdir(storage.mirror_dir(str(workdir).rstrip("/")), wait=wait), storage.synced(workdir) as local:
+        yield local
+
+
 def with_workdir_lock(fn):
-    """Decorator: `fn` holds its `workdir` argument (if not None) while it runs, without waiting. A remote workdir
-    (gs://..., see clipsel_jax.storage) is mirrored locally for the call, and `fn` gets the local mirror."""
+    """Decorator: `fn` holds its `workdir` argument (if not None) while it runs, without waiting. A URL workdir is
+    worked on through its local mirror (see workspace): `fn` gets the mirror's path."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from clipsel_jax import storage
-
         bound = signature.bind(*args, **kwargs)
-        workdir = bound.arguments.get("workdir")
-        if workdir is not None and storage.is_remote(workdir):
-            with storage.mirrored(workdir) as local:
+        with workspace(bound.arguments.get("workdir")) as local:
+            if local is not None:
                 bound.arguments["workdir"] = local
-                return fn(*bound.args, **bound.kwargs)
-        with hold_workdir(workdir):
-            return fn(*args, **kwargs)
+            return fn(*bound.args, **bound.kwargs)
 
     return wrapper

@@ -174,7 +174,7 @@ def test_a_bucket_workdir_refuses_several_processes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # the multi-host case; its hosts would need one folder
     with pytest.raises(ValueError, match="mount the bucket on every host"):
-        with storage.mirrored(f"{bucket(tmp_path)}/run"):
+        with storage.synced(f"{bucket(tmp_path)}/run"):
             pass
 
 

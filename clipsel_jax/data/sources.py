@@ -621,31 +621,9 @@ def tfds_source(name: str, split: str = "train", data_dir: str | None = None, im
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Opening a source from its description (the CLI's --data, and a workdir's record of it)
+# A source's description (the CLI's --data, a workdir's record of it; opened again by data/reopen.py)
 
 DEMO = "demo"  # the 2,000-image CIFAR-10 set shipped in the package
-
-
-def open_source(path: str, subdir: str | None = None, tfds_data_dir: str | None = None,
-                class_names: str | None = None, max_image_pixels: int | None = None) -> Source:
-    """The source a ``--data`` value names: a folder or .zip of ``<class>/<file>`` images (``archive.zip:inner``),
-    ``tfds:NAME`` (subdir: the split, default train), or ``demo``. class_names: a file of readable names (see
-    clipsel_jax.text.readable_class_names); max_image_pixels: None keeps the source's default."""
-    if path == DEMO:
-        from clipsel_jax.data.demo import demo
-
-        source = demo()
-    elif path.startswith("tfds:"):
-        source = tfds_source(path[len("tfds:"):], subdir or "train", data_dir=tfds_data_dir)
-    else:
-        source = image_folder(path, subdir)
-    if max_image_pixels is not None:
-        source.max_image_pixels = max_image_pixels
-    if class_names:
-        from clipsel_jax.text import readable_class_names
-
-        source.class_names = readable_class_names(source.class_names, class_names)
-    return source
 
 
 def source_spec(path: str | None, subdir: str | None = None, tfds_data_dir: str | None = None,

@@ -1,0 +1,28 @@
+"""Opening a source from its description: the CLI's ``--data`` (with ``--subdir``, ``--tfds-data-dir``,
+``--class-names``) or the ``data_spec`` a run records in meta.json (``sources.source_spec``), so that later commands
+(report, export) and ``subset.load_kept(...).open_source()`` open the same source again."""
+
+from __future__ import annotations
+
+from clipsel_jax.data.demo import demo
+from clipsel_jax.data.sources import DEMO, Source, image_folder, tfds_source
+
+
+def open_source(path: str, subdir: str | None = None, tfds_data_dir: str | None = None,
+                class_names: str | None = None, max_image_pixels: int | None = None) -> Source:
+    """The source a ``--data`` value names: a folder or .zip of ``<class>/<file>`` images (``archive.zip:inner``),
+    ``tfds:NAME`` (subdir: the split, default train), or ``demo``. class_names: a file of readable names (see
+    clipsel_jax.text.readable_class_names); max_image_pixels: None keeps the source's default."""
+    if path == DEMO:
+        source = demo()
+    elif path.startswith("tfds:"):
+        source = tfds_source(path[len("tfds:"):], subdir or "train", data_dir=tfds_data_dir)
+    else:
+        source = image_folder(path, subdir)
+    if max_image_pixels is not None:
+        source.max_image_pixels = max_image_pixels
+    if class_names:
+        from clipsel_jax.text import readable_class_names
+
+        source.class_names = readable_class_names(source.class_names, class_names)
+    return source
