@@ -89,6 +89,7 @@ class Mirror:
         self.local = local or mirror_dir(self.url)
         self._lock = threading.Lock()
         self._state: dict = {}
+        self._made: set[str] = set()  # remote folders made by this object
 
     # -- the sync state: per file, the local (size, mtime) and the remote identity at the last sync
     def _load_state(self) -> dict:
@@ -184,7 +185,10 @@ class Mirror:
             for rel in _vouching_last(r for r in local if (synced.get(r) or {}).get("local") != local[r]):
                 src = self.local / rel
                 try:
-                    self.fs.makedirs(f"{self.root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+                    parent = f"{self.root}/{rel}".rsplit("/", 1)[0]
+                    if parent not in self._made:  # a no-op on object stores, but one request each: once per folder
+                        self.fs.makedirs(parent, exist_ok=True)
+                        self._made.add(parent)
                     self.fs.put_file(str(src), f"{self.root}/{rel}")
                 except FileNotFoundError:  # removed while syncing: the next push deletes its remote copy
                     continue
