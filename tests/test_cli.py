@@ -280,6 +280,14 @@ def test_demo_set_and_the_readme_first_command(tmp_path):
     kept_bad = int(summary["demo_mislabeled_kept"].split()[0])
     assert summary["kept"] == 1000 and kept_bad <= 15, summary  # random keeps ~50 of them; seen: 5
     assert f"report: {(tmp_path / 'demo' / 'report.html').resolve()}" in r.stderr
+    # the README's next step: the kept half as a folder and a list (the demo zip's images extracted)
+    r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", "export", "--workdir", str(tmp_path / "demo"),
+                        "--to", str(tmp_path / "demo_subset"), "--list", str(tmp_path / "demo_kept.csv"), "--quiet"],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["written"] == 1000
+    assert len(list((tmp_path / "demo_subset").glob("*/*.jpg"))) == 1000
+    assert len((tmp_path / "demo_kept.csv").read_text().splitlines()) == 1001
 
 
 def test_embed_command(folder, tmp_path, tiny_clip_folder):
