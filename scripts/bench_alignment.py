@@ -10,6 +10,10 @@ a Markdown table of means and standard deviations over seeds.
     python scripts/bench_alignment.py --data ../shared/data/cifar10-jpeg.zip --workdir out/bench_cifar10 \\
         --noise pair:0.4 symmetric:0.2 corrupt:0.2 --seeds 0 1 2
 
+`--typicality 0.3` adds two candidates for corrupted images (docs/method.md): the default's combined score plus 0.3
+x a min-max-normalised typicality term over its mean, the encoder's feature norm or the cosine of an image's
+features to its class's mean feature.
+
 The workdir must hold the bench's embedding cache of the training split (`clipsel bench` writes it); for corrupt:F
 the corrupted images' embeddings are read from, or when missing added to, the bench's cache WORKDIR/corrupt/F_seedS.
 """
@@ -31,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", nargs="+", default=["pair:0.4", "symmetric:0.2"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
+    ap.add_argument("--typicality", nargs="*", type=float, default=[],
+                    help="also rank by the default's c + W x a typicality term of the encoder's image features "
+                         "(their norm; their cosine to their class's mean), for each weight W given")
     args = ap.parse_args(argv)
 
     import clipsel_jax as cs
@@ -40,7 +47,7 @@ def main(argv=None) -> int:
                                         symmetric_label_noise)
     from clipsel_jax.evaluate.benchmark import detection_auc
     from clipsel_jax.evaluate.splits import load_images, open_splits
-    from clipsel_jax.scores import score_samples
+    from clipsel_jax.scores import minmax, score_samples
     from clipsel_jax.selection import rank_and_take
 
     for spec in args.noise:  # checked before anything is loaded
@@ -82,14 +89,30 @@ def main(argv=None) -> int:
                         "probability": dict(alignment="probability", alpha=0.0),
                         "cosine + 0.1 SDS (before)": dict(alignment="cosine", alpha=0.1),
                         "probability + 0.1 SDS (default)": dict(alignment="probability", alpha=0.1)}
+
+            def measure(combined):
+                out = {"auc": round(detection_auc(combined, bad), 4)}
+                for r in args.ratios:
+                    keep = rank_and_take(combined, combined, int(round(r * len(labels))), labels, c)
+                    out[f"kept{r:g}"] = round(float(bad[keep].mean()) * 100, 2)
+                return out
+
+            combined = {}
             for name, v in variants.items():
                 sc = score_samples(a.image, a.text, labels, v["alpha"], alignment=v["alignment"],
                                    temperature=a.logit_scale, seed=seed)
-                out = {"auc": round(detection_auc(sc.combined, bad), 4)}
-                for r in args.ratios:
-                    keep = rank_and_take(sc.combined, sc.combined, int(round(r * len(labels))), labels, c)
-                    out[f"kept{r:g}"] = round(float(bad[keep].mean()) * 100, 2)
-                row[name] = out
+                combined[name] = sc.combined
+                row[name] = measure(sc.combined)
+            if args.typicality:  # candidates for corrupted images: a typicality term added to the default's c
+                feats = x.astype(np.float32)
+                norm = np.linalg.norm(feats, axis=1)
+                unit = feats / norm[:, None]
+                means = np.stack([unit[labels == k].mean(0) for k in range(c)])
+                prototype = (unit * (means / np.linalg.norm(means, axis=1, keepdims=True))[labels]).sum(1)
+                for term_name, t in (("feature norm", norm), ("class-prototype cosine", prototype)):
+                    t = minmax(t)
+                    for w in args.typicality:
+                        row[f"default + {w:g} {term_name}"] = measure(combined["probability + 0.1 SDS (default)"] + w * t / t.mean())
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(table(rows, args.ratios))
