@@ -242,6 +242,31 @@ def synced(path, interval: float = 30.0):
         mirror.push()
 
 
+def local_copy(url: str) -> Path:
+    """A local copy of the one object at `url` (a data set's zip), downloaded into the mirror cache when missing or
+    when the object changed since (size or version stamp), else reused."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        ident = list(_identity(fs.info(path)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+    folder = mirror_dir(url)
+    local, record = folder / path.rsplit("/", 1)[-1], folder / STATE
+    try:
+        same = json.loads(record.read_text()) == {"url": url, "remote": ident} and local.is_file()
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".tmp")
+        fs.get_file(path, str(tmp))
+        os.replace(tmp, local)
+        record.write_text(json.dumps({"url": url, "remote": ident}))
+    return local
+
+
 def reset_mirror(url: str) -> None:
     """Delete the local mirror of `url` (the remote copy is untouched; the next run pulls it again)."""
     shutil.rmtree(mirror_dir(str(url).rstrip("/")), ignore_errors=True)

@@ -3,6 +3,7 @@ as gs:// (fsspec URLs, one object per file, no rename), offline."""
 
 import importlib.util
 import json
+import zipfile
 
 import fsspec
 import numpy as np
@@ -187,3 +188,28 @@ def test_objects_with_unsafe_names_are_never_written_outside_the_mirror(tmp_path
         m.pull()
     assert sorted(p.name for p in m.local.rglob("*") if p.is_file()) == [".clipsel_sync.json", "ok.txt"]
     assert not (m.local.parent / "escape.txt").exists()
+
+
+def test_a_zip_in_a_bucket_is_a_data_source(tmp_path, tiny_clip_folder, capsys):
+    """--data memory://.../set.zip:images: copied once to a local cache, recorded and listed by its URL, and named
+    by its URL in the embedding cache's key, so that a fresh copy (another machine) reuses the embeddings."""
+    images = make_images(tmp_path / "images")
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as zf:
+        for p in sorted(images.rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path).as_posix())
+    url = f"{bucket(tmp_path)}/data/set.zip"
+    storage.put_file(tmp_path / "set.zip", url)
+    work = tmp_path / "work"
+    argv = ["select", "--data", f"{url}:images", "--workdir", str(work), "--ratio", "0.5", "--encoder",
+            str(tiny_clip_folder), "--adapter", "none", "--quiet", "--no-report"]
+    assert main(argv) == 0
+    keys = sorted(p.name for p in (work / "embeddings").iterdir())
+    assert main(["export", "--workdir", str(work), "--list", str(tmp_path / "kept.txt")]) == 0
+    assert (tmp_path / "kept.txt").read_text().splitlines()[0].startswith(f"{url}:images/ant/")
+    storage.reset_mirror(url)  # the local copy is gone (another machine): downloaded again, same cache key
+    assert main(argv) == 0
+    assert sorted(p.name for p in (work / "embeddings").iterdir()) == keys
+    capsys.readouterr()
+    assert main([*argv[:2], f"{bucket(tmp_path)}/data/images", *argv[3:]]) == 2
+    assert "read from a zip" in capsys.readouterr().err
+    assert main([*argv[:2], f"{bucket(tmp_path)}/data/missing.zip", *argv[3:]]) == 2

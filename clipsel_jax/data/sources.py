@@ -160,6 +160,7 @@ class ImageFolder(Source):
     class_names: list[str]
     _zip_path: str | None = None
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are unreadable (None: no limit)
+    origin: str | None = None  # the URL of a zip read from a bucket (its local copy is _zip_path)
 
     def __post_init__(self):
         self.ids = np.arange(len(self.files), dtype=np.int64)
@@ -200,19 +201,23 @@ class ImageFolder(Source):
 
     def spec(self) -> dict:
         if self._zip_path is not None:
-            return source_spec(str(Path(self._zip_path).resolve()), self.location.rsplit(":", 1)[1] or None)
+            return source_spec(self.origin or str(Path(self._zip_path).resolve()),
+                               self.location.rsplit(":", 1)[1] or None)
         return source_spec(self.location)
 
     def path_of(self, i: int) -> str:
-        """Where sample i lives, as another program can open it: the absolute file path, or ARCHIVE.zip:entry."""
+        """Where sample i lives, as another program can open it: the absolute file path, or ARCHIVE.zip:entry (the
+        archive's URL for a zip read from a bucket)."""
         if self._zip_path is not None:
-            return f"{Path(self._zip_path).resolve()}:{self.files[i]}"
+            return f"{self.origin or Path(self._zip_path).resolve()}:{self.files[i]}"
         return str(Path(self.files[i]).absolute())
 
     def fingerprint(self) -> str:
         """Identity of the listing and contents (paths, labels, and each file's CRC in a zip or size and
-        modification time in a folder), for caches: a replaced image changes it."""
-        h = hashlib.sha256(self.location.encode())
+        modification time in a folder), for caches: a replaced image changes it. A zip from a bucket is named by
+        its URL, so that its copy on another machine keeps the embedding cache's key."""
+        where = self.location if self.origin is None else f"{self.origin}:{self.location.rsplit(':', 1)[1]}"
+        h = hashlib.sha256(where.encode())
         if self._zip_path is not None:
             with zipfile.ZipFile(self._zip_path) as zf:
                 stamps = [(i.CRC, i.file_size) for i in map(zf.getinfo, self.files)]
