@@ -236,10 +236,18 @@ def synced(path, interval: float = 30.0):
     thread.start()
     try:
         yield mirror.local
-    finally:
+    except BaseException:  # what finished goes up; an upload failure then must not hide why the block stopped
         stop.set()
         thread.join()
-        mirror.push()
+        try:
+            mirror.push()
+        except Exception as e:
+            warnings.warn(f"uploading to {mirror.url} failed ({type(e).__name__}: {e}); the local mirror "
+                          f"{mirror.local} holds the work", stacklevel=3)
+        raise
+    stop.set()
+    thread.join()
+    mirror.push()  # a failure here is the run's failure: its outputs are not in the bucket
 
 
 def local_copy(url: str) -> Path:

@@ -198,8 +198,9 @@ def kept_source(source: Source, kept) -> KeptSource:
     hand (folders, zips, arrays), they must agree: a relabelled or reordered source is refused."""
     k = as_kept(kept)
     sub = KeptSource(source, k.ids if isinstance(k, Kept) else k)
-    if isinstance(k, Kept) and isinstance(getattr(source, "labels", None), np.ndarray) and len(sub):
-        given = np.asarray(source.labels)[sub.positions]
+    held = vars(source).get("labels")  # labels in memory only: a TFDS source's property would read every record
+    if isinstance(k, Kept) and isinstance(held, np.ndarray) and len(sub):
+        given = held[sub.positions]
         differ = np.flatnonzero(given != k.labels)
         if len(differ):
             raise ValueError(f"the source's labels differ from the selection's for {len(differ)} kept samples "

@@ -213,3 +213,26 @@ def test_a_zip_in_a_bucket_is_a_data_source(tmp_path, tiny_clip_folder, capsys):
     assert main([*argv[:2], f"{bucket(tmp_path)}/data/images", *argv[3:]]) == 2
     assert "read from a zip" in capsys.readouterr().err
     assert main([*argv[:2], f"{bucket(tmp_path)}/data/missing.zip", *argv[3:]]) == 2
+
+
+class FailingMemoryFS(MemoryFileSystem):
+    """The in-memory file system with uploads that fail (a network outage)."""
+
+    protocol = "failmem"
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+
+fsspec.register_implementation("failmem", FailingMemoryFS, clobber=True)
+
+
+def test_an_upload_failure_never_hides_why_a_run_stopped(tmp_path):
+    url = f"failmem://{tmp_path.name}/run"
+    with pytest.raises(KeyError, match="the run's own error"), pytest.warns(UserWarning, match="unreachable"):
+        with storage.synced(url) as local:
+            (local / "a.txt").write_text("work")
+            raise KeyError("the run's own error")
+    with pytest.raises(ConnectionError):  # a run that finished but could not upload its outputs fails
+        with storage.synced(url) as local:
+            (local / "a.txt").write_text("work")

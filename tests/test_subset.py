@@ -348,6 +348,10 @@ def test_tfds_array_record_kept_records_feed_a_jitted_step(tfds_selected):
         w, value = step(w, x, y)
         losses.append(float(value))
     assert losses[-1] < losses[0]
+    # a TFDS source of the kept records reads none of the others (its labels are never all read to check them)
+    table = cs.data.tfds_source("tiny_images", "train", data_dir=str(root / "array_record"))
+    sub = subset.kept_source(table, work)
+    assert len(sub) == 7 and table._labels is None
     # by name, the same records; another split or data set is refused
     by_name = subset.tfds_grain_dataset("tiny_images", "train", work, data_dir=str(root / "array_record"))
     assert [int(ex[subset.RECORD_INDEX]) for ex in by_name] == kept.tolist()
