@@ -246,6 +246,12 @@ def _workdir_shown(args) -> str:
     return str(getattr(args, "workdir_url", None) or args.cfg.workdir)
 
 
+def _output_shown(args, name: str) -> str:
+    """Where the workdir's output `name` is, for the user: under the URL of a bucket workdir, else its full path."""
+    url = getattr(args, "workdir_url", None)
+    return f"{url.rstrip('/')}/{name}" if url else str((Path(args.cfg.workdir) / name).resolve())
+
+
 def _say(args, msg):  # what is happening, on stderr (--quiet only hides the progress bars)
     print(msg, file=sys.stderr)
 
@@ -299,8 +305,7 @@ def cmd_select(args) -> int:
     if _primary():
         print(json.dumps(summary))
         if not args.no_report:
-            shown = _workdir_shown(args)
-            _say(args, f"report: {shown + '/report.html' if shown != str(workdir) else (workdir / 'report.html').resolve()}")
+            _say(args, f"report: {_output_shown(args, 'report.html')}")
     return 0
 
 
@@ -411,10 +416,8 @@ def cmd_report(args) -> int:
         data = DataConfig(path=spec.get("data"), subdir=spec.get("subdir"), tfds_data_dir=spec.get("tfds_data_dir"),
                           class_names=spec.get("class_names"), max_image_pixels=data.max_image_pixels)
     source = _source(data, required=False)
-    out = write_report(args.cfg.workdir, source)
-    shown = _workdir_shown(args)
-    print(json.dumps({"report": shown + "/report.html" if shown != str(args.cfg.workdir) else str(out.resolve()),
-                      "images": source is not None}))
+    write_report(args.cfg.workdir, source)
+    print(json.dumps({"report": _output_shown(args, "report.html"), "images": source is not None}))
     return 0
 
 
@@ -431,7 +434,7 @@ def cmd_export(args) -> int:
         source = _source(data)
     elif kept.data_spec and kept.data_spec.get("data"):  # the source the selection was made from, as it recorded
         source = kept.open_source(max_image_pixels=data.max_image_pixels)
-    elif args.to is not None or args.relabel is not None:
+    elif args.to is not None:  # a list can name the ids alone; a folder needs the images
         raise UsageError("this selection does not record its source (made from --embeddings without --data): pass "
                          "--data, the images the embeddings were made from")
     else:

@@ -412,7 +412,7 @@ def _run_loop(c: np.ndarray, k: int, cfg: SelectionConfig, n: int, mesh, ckpt_di
             ckpt.save(int(state.step), unpadded(state), {"settings": settings, "step": int(state.step)})
         if budget and budget["chunks"] is not None:
             budget["chunks"] -= 1
-            if budget["chunks"] == 0 and not loop_done(int(state.step), float(state.count), k, cfg, n):
+            if budget["chunks"] <= 0 and not loop_done(int(state.step), float(state.count), k, cfg, n):
                 ckpt.close()
                 raise LoopStopped(int(state.step))
     if ckpt is not None:

@@ -58,6 +58,20 @@ def mirror_dir(url: str) -> Path:
     return root / f"{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:16]}_{name}"
 
 
+def url_to_fs(url: str):
+    """(fsspec file system, path) of a URL; a ValueError that says what to install where the scheme's package is
+    missing (gcsfs for gs://, s3fs for s3://) or the scheme is unknown."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except (ImportError, ValueError) as e:
+        scheme = str(url).split("://", 1)[0]
+        hint = {"gs": "pip install gcsfs (or clipsel_jax[gcs])", "s3": "pip install s3fs"}.get(
+            scheme, "install the fsspec implementation for it")
+        raise ValueError(f"{url}: the {scheme}:// file system is not available ({e}); {hint}") from None
+
+
 def _skip(rel: str) -> bool:
     """Files that never go up: temporary ones (being written), orbax's unfinished steps, this module's state and the
     lock (a lock is about this host's processes)."""
@@ -75,16 +89,8 @@ class Mirror:
     """A local copy of the folder at `url`, kept in step with it (see the module docstring)."""
 
     def __init__(self, url: str, local: Path | None = None):
-        import fsspec
-
         self.url = url.rstrip("/")
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as e:  # no gcsfs / s3fs, or an unknown scheme
-            scheme = self.url.split("://", 1)[0]
-            hint = {"gs": "pip install gcsfs (or clipsel_jax[gcs])", "s3": "pip install s3fs"}.get(
-                scheme, "install the fsspec implementation for it")
-            raise ValueError(f"{url}: the {scheme}:// file system is not available ({e}); {hint}") from None
+        self.fs, self.root = url_to_fs(self.url)
         self.root = self.root.rstrip("/")
         self.local = local or mirror_dir(self.url)
         self._lock = threading.Lock()
@@ -253,9 +259,7 @@ def synced(path, interval: float = 30.0):
 def local_copy(url: str) -> Path:
     """A local copy of the one object at `url` (a data set's zip), downloaded into the mirror cache when missing or
     when the object changed since (size or version stamp), else reused."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     try:
         ident = list(_identity(fs.info(path)))
     except FileNotFoundError:
@@ -282,9 +286,7 @@ def reset_mirror(url: str) -> None:
 
 def put_file(local: Path, url: str) -> None:
     """Upload one finished local file to `url` (one object: all or nothing)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -314,9 +316,7 @@ def input_file(path):
         return
     import tempfile
 
-    import fsspec
-
-    fs, remote = fsspec.core.url_to_fs(str(path))
+    fs, remote = url_to_fs(path)
     if not fs.isfile(remote):
         raise FileNotFoundError(f"{path} does not exist")
     with tempfile.TemporaryDirectory(prefix="clipsel_in_") as d:

@@ -124,9 +124,15 @@ def load_kept(workdir) -> Kept:
     if pref.shape != (n,) or conf.shape != (n,) or (n and (pref.min() < 0 or pref.max() >= len(names))):
         raise ValueError(f"{workdir}: selection.npz is inconsistent (preferred_class / preferred_confidence); run "
                          "`clipsel select` again")
-    kept_ids, kept_labels = ids[idx].astype(np.int64), labels[idx].astype(np.int64)
-    h = hashlib.sha256(kept_ids.tobytes() + kept_labels.tobytes()).hexdigest()[:16]
-    return Kept(kept_ids, kept_labels, pref[idx].astype(np.int64), conf[idx], list(names), spec, h)
+    return _kept(ids[idx], labels[idx], pref[idx], conf[idx], names, spec)
+
+
+def _kept(ids, labels, preferred, confidence, class_names, data_spec) -> Kept:
+    """A Kept, its fingerprint (which selection an export came from) taken of the kept ids and labels."""
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    h = hashlib.sha256(ids.tobytes() + labels.tobytes()).hexdigest()[:16]
+    return Kept(ids, labels, np.asarray(preferred, np.int64), np.asarray(confidence, np.float32),
+                list(class_names), data_spec, h)
 
 
 def as_kept(kept) -> Kept | np.ndarray:
@@ -143,10 +149,8 @@ def as_kept(kept) -> Kept | np.ndarray:
         pref = kept.labels if kept.preferred_class is None else kept.preferred_class
         conf = np.full(n, np.nan, np.float32) if kept.preferred_confidence is None else kept.preferred_confidence
         idx = kept.indices
-        h = hashlib.sha256(ids[idx].tobytes() + np.asarray(kept.labels, np.int64)[idx].tobytes()).hexdigest()[:16]
-        return Kept(ids[idx], np.asarray(kept.labels, np.int64)[idx], np.asarray(pref, np.int64)[idx],
-                    np.asarray(conf, np.float32)[idx], list(kept.meta.get("class_names") or []),
-                    kept.meta.get("data_spec"), h)
+        return _kept(ids[idx], np.asarray(kept.labels)[idx], np.asarray(pref)[idx], np.asarray(conf)[idx],
+                     kept.meta.get("class_names") or [], kept.meta.get("data_spec"))
     ids = np.asarray(kept)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or len(ids) == 0):
         raise TypeError(f"kept must be a workdir, a Selection, a Kept or a 1-D array of sample ids; got "

@@ -176,7 +176,7 @@ def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_cli
 
 @pytest.mark.slow
 def test_argparse_errors_and_help_exit_cleanly():
-    for cmd in ("select", "embed", "adapt", "score", "report", "bench", "info"):
+    for cmd in ("select", "embed", "adapt", "score", "report", "export", "bench", "info"):
         r = subprocess.run([sys.executable, "-m", "clipsel_jax.cli", cmd, "--help"], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0 and f"usage: clipsel {cmd}" in r.stdout, r.stderr

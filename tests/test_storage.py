@@ -236,3 +236,15 @@ def test_an_upload_failure_never_hides_why_a_run_stopped(tmp_path):
     with pytest.raises(ConnectionError):  # a run that finished but could not upload its outputs fails
         with storage.synced(url) as local:
             (local / "a.txt").write_text("work")
+
+
+def test_a_scheme_without_its_package_is_a_clear_error_everywhere(tmp_path, capsys):
+    if importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed here")
+    (tmp_path / "f.txt").write_text("x")
+    for call in (lambda: storage.put_file(tmp_path / "f.txt", "gs://b/f.txt"),
+                 lambda: storage.local_copy("gs://b/s.zip")):
+        with pytest.raises(ValueError, match="pip install gcsfs"):
+            call()
+    assert main(["score", "--embeddings", "gs://b/e.npz"]) == 2
+    assert "pip install gcsfs" in capsys.readouterr().err
