@@ -114,6 +114,9 @@ def _method_args(p, adapt=True, score=True, select=True):
                  choices=["linear", "mlp", "none"])
         _setting(g, "--adapter-loss", choices=["infonce", "class"])
         _setting(g, "--adapter-epochs", "", NATURAL)
+        _setting(g, "--adapter-refine", "refits on the samples the last fit trusts (default: the method's: 1 for "
+                                        "clipsel, 0 for paper)", dict(lo=0, hi=10, integer=True))
+        _setting(g, "--adapter-refit-epochs", "epochs of each refit, from the last fit's weights", COUNT)
         _setting(g, "--adapter-lr", "", dict(lo=0, lo_open=True))
         _setting(g, "--adapter-batch", "", COUNT)
         _setting(g, "--shared-dim", "adapter output dim (default: min(image dim, text dim))", COUNT)
@@ -335,9 +338,10 @@ def cmd_adapt(args) -> int:
     import dataclasses
 
     from clipsel_jax.adapt import adapt
+    from clipsel_jax.pipeline import method_adapter
 
     cfg = args.cfg
-    adapter = cfg.adapt.build()
+    adapter = method_adapter(cfg.method, cfg.adapt.build())
     if adapter is None or adapter.epochs < 1:
         raise UsageError("clipsel adapt trains adapters: give --adapter linear|mlp and --adapter-epochs >= 1")
     e = _load_embeddings(args.embeddings)
@@ -353,6 +357,7 @@ def cmd_adapt(args) -> int:
                           "logit_scale": round(a.logit_scale, 4),
                           "resumed_from": a.history.get("resumed_from"),
                           "final_loss": round(float(loss[-1]), 5) if loss else None,
+                          "trained_on": [f["trained_on"] for f in a.history["fits"]],
                           "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 

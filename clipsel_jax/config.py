@@ -94,6 +94,8 @@ class AdaptSection:
     batch_size: int = AdaptConfig.batch_size
     shared_dim: int | None = AdaptConfig.shared_dim
     seed: int | None = AdaptConfig.seed
+    refine: int | None = AdaptConfig.refine  # None: the method's
+    refit_epochs: int = AdaptConfig.refit_epochs
 
     def __post_init__(self):
         if self.kind not in ("linear", "mlp", NO_ADAPTER):
@@ -155,6 +157,7 @@ OPTIONS = {
     "dtype": "encoder.dtype", "trust_torchscript": "encoder.trust_torchscript",
     "prompt": "embed.prompts", "batch_size": "embed.batch_size", "workers": "embed.workers", "limit": "embed.limit",
     "adapter": "adapt.kind", "adapter_loss": "adapt.loss", "adapter_epochs": "adapt.epochs", "adapter_lr": "adapt.lr",
+    "adapter_refine": "adapt.refine", "adapter_refit_epochs": "adapt.refit_epochs",
     "adapter_batch": "adapt.batch_size", "shared_dim": "adapt.shared_dim",
     "alignment": "scores.alignment", "temperature": "scores.temperature",
     "k_fraction": "scores.k_fraction", "k_neighbors": "scores.k_neighbors",

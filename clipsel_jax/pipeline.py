@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from clipsel_jax import checks, parallel
-from clipsel_jax.adapt import AdaptConfig, adapt
+from clipsel_jax.adapt import DEFAULT_REFINE, AdaptConfig, adapt
 from clipsel_jax.ckpt import Checkpointer
 from clipsel_jax.scores import ALIGNMENTS, DEFAULT_TEMPERATURE, DiversityConfig, diversity_settings, score_samples
 from clipsel_jax.selection import SelectionConfig, optimise, rank_and_take
@@ -81,10 +81,10 @@ def _validate(image_emb, labels, text_emb, ratio):
 
 
 # The method's presets: what `method` sets when the call leaves a setting unset (None). "paper" is the paper's text:
-# the cosine SAS, alpha = r, one top-k over the whole data set (docs/method.md says where the default departs, why,
-# and the evidence).
-METHODS = {"clipsel": dict(alignment="probability", balance="class", alpha="code"),
-           "paper": dict(alignment="cosine", balance="global", alpha="paper")}
+# the cosine SAS, alpha = r, one top-k over the whole data set, one fit of the adapters (docs/method.md says where
+# the default departs, why, and the evidence).
+METHODS = {"clipsel": dict(alignment="probability", balance="class", alpha="code", refine=DEFAULT_REFINE),
+           "paper": dict(alignment="cosine", balance="global", alpha="paper", refine=0)}
 
 
 def method_settings(method: str, alignment: str | None, balance: str | None,
@@ -96,6 +96,15 @@ def method_settings(method: str, alignment: str | None, balance: str | None,
     if selection.alpha is None:
         selection = dataclasses.replace(selection, alpha=preset["alpha"])
     return alignment or preset["alignment"], balance or preset["balance"], selection
+
+
+def method_adapter(method: str, adapter: AdaptConfig | None) -> AdaptConfig | None:
+    """The adapter settings with an unset refine (None) taken from `method`'s preset."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if adapter is None or adapter.refine is not None:
+        return adapter
+    return dataclasses.replace(adapter, refine=METHODS[method]["refine"])
 
 
 def alpha_value(alpha, ratio) -> float:
@@ -187,6 +196,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     image_emb, labels, text_emb, ratio, k = _validate(image_emb, labels, text_emb, ratio)
     timings = {"validate_s": time.perf_counter() - t0}
     alignment, balance, sel_cfg = method_settings(method, alignment, balance, _selection_config(selection, alpha, beta))
+    adapter = method_adapter(method, adapter)
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
     if alignment not in ALIGNMENTS:
@@ -236,6 +246,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         "alpha": a, "beta": sel_cfg.beta, "selection": dataclasses.asdict(sel_cfg),
         "adapter": dataclasses.asdict(adapted.config) if adapted.config is not None else None,
         "adapter_loss": adapted.history["loss"] if adapted.history else None,
+        "adapter_trained_on": [f["trained_on"] for f in adapted.history["fits"]] if adapted.history else None,
         "optimiser": {"steps": int(opt.steps), "count_at_stop": int(opt.count),
                       "converged": bool(abs(opt.count - k) < sel_cfg.tolerance_for(n)), **opt.how},
         "sds_k": {"requested": div.k_requested.tolist(), "used": div.k.tolist(),

@@ -4,6 +4,7 @@
       .clipsel.lock            who holds the workdir (clipsel_jax.workdir_lock)
       embeddings/<key>/        the embedding cache: chunks, manifest.json, unreadable.json, text_<hash>.npz
       adapters/                orbax steps of the adapter training (every 30 s and at the end)
+      adapters_refit<r>/       the same for refit r of the refinement (clipsel_jax.adapt)
       selection_band/          orbax steps of the selection loop on the decisive band (the default loop)
       selection/               orbax steps of the selection loop over every sample (loop="full")
       selection_final/         the final selection (indices, mask, ranking key, scores) as an orbax checkpoint
@@ -43,6 +44,10 @@ class RunDir:
     @property
     def adapters(self) -> Path:
         return self.root / "adapters"
+
+    def adapter_fit(self, fit: int) -> Path:
+        """Checkpoints of one fit of the adaptation stage: the first in adapters/, refit r in adapters_refit<r>/."""
+        return self.adapters if fit == 0 else self.root / f"adapters_refit{fit}"
 
     def selection_loop(self, band: bool) -> Path:
         return self.root / ("selection_band" if band else "selection")

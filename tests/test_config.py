@@ -83,6 +83,7 @@ def test_every_option_maps_to_a_field():
     (dict(adapt=[1]), "section adapt must be a dict"),
     (dict(adapt=dict(kind="conv")), "adapt.kind must be 'linear', 'mlp' or 'none'"),
     (dict(adapt=dict(lr=float("nan"))), "lr must be finite, got nan"),
+    (dict(adapt=dict(refine=11)), r"refine must be in \[0, 10\], got 11"),
     (dict(scores=dict(k_fraction=0)), "k_fraction must be in"),
     (dict(selection=dict(alpha="lots")), "alpha must be 'code'"),
     (dict(embed=dict(prompts=["no slot"])), r"must be templates with a \{\}"),

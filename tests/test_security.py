@@ -139,6 +139,8 @@ def test_nan_embeddings_are_refused_by_adapters_and_scores(tmp_path, capsys):
     (["--k-neighbors", "-1"], "argument --k-neighbors: k_neighbors must be >= 1"),
     (["--reference-size", "0"], "argument --reference-size: reference_size must be >= 2"),
     (["--adapter-lr", "nan"], "argument --adapter-lr: adapter_lr must be finite"),
+    (["--adapter-refine", "-1"], "argument --adapter-refine: adapter_refine must be in [0, 10], got -1"),
+    (["--adapter-refine", "1.5"], "argument --adapter-refine: invalid int value"),
     (["--alpha", "inf"], "--alpha must be code, paper or a finite number >= 0"),
     (["--beta", "nan"], "argument --beta: beta must be finite"),
     (["--ratio", "nan"], "argument --ratio: ratio must be finite"),

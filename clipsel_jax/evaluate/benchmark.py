@@ -304,32 +304,45 @@ def run(args) -> int:
         t0, score = time.perf_counter(), None
         options = cfg.selection_options()
 
-        def adapted():
-            """The adaptation stage of this label set, trained once and reused by every ratio, method and worker
-            (checkpointed under WORKDIR/adapters/; a rerun reuses it). Its training time is added to each row that
-            uses it, so that select_s stays the cost of one whole selection."""
-            if "adapted" not in st:
+        def adapted(method):
+            """The adaptation stage of this label set for `method` (its refine preset), trained once and reused by
+            every ratio, method and worker (each fit checkpointed under WORKDIR/adapters/: the paper's single fit is
+            clipsel's first). Each row that uses it is charged the training time of every fit it needs, as recorded
+            when that fit was trained, so that select_s stays the cost of one whole selection."""
+            from clipsel_jax.pipeline import method_adapter
+
+            adapter = method_adapter(method, options["adapter"])
+            key = ("adapted", adapter.refine if adapter is not None else 0)
+            if key not in st:
                 from clipsel_jax.adapt import adapt
 
                 where = work / "adapters" / f"{str(noise).replace(':', '')}_seed{seed}"
                 t = time.perf_counter()
                 with hold_workdir(where, wait=True):  # another worker training the same adapters: wait, reuse
-                    a = adapt(x, labels, emb.text_emb, options["adapter"], seed=seed, workdir=where)
-                spent, record = time.perf_counter() - t, where / "adapt_s.json"
-                if a.history and a.history["resumed_from"] == a.config.epochs and record.is_file():
-                    spent = json.loads(record.read_text())["seconds"]  # reused: what training them took
-                elif a.history:
-                    record.write_text(json.dumps({"seconds": spent}) + "\n")
-                st["adapted"], st["adapt_s"], st["adapt_here_s"] = a, spent, time.perf_counter() - t
-            return st["adapted"]
+                    a = adapt(x, labels, emb.text_emb, adapter, seed=seed, workdir=where)
+                spent = 0.0
+                for i, fit in enumerate(a.history["fits"] if a.history else []):
+                    record = where / ("adapt_s.json" if i == 0 else f"adapt_refit{i}_s.json")
+                    if fit["resumed_from"] == fit["epochs"] and record.is_file():
+                        spent += json.loads(record.read_text())["seconds"]  # reused: what training it took
+                    else:
+                        record.write_text(json.dumps({"seconds": fit["seconds"]}) + "\n")
+                        spent += fit["seconds"]
+                st[key] = (a, spent, time.perf_counter() - t)
+            a, spent, here = st[key]
+            st["adapt_s"] = spent  # this row's charge, of which `here` was spent inside it (see run_method's end)
+            st["adapt_here_s"] = st.get("adapt_here_s", 0.0) + here
+            st[key] = (a, spent, 0.0)  # a later row of this label set spends nothing here
+            return a
 
         def select_adapted(r, method):
-            a = adapted()
+            a = adapted(method)
             return cs.select_from_embeddings(a.image, labels, a.text, r, seed=seed,
                                              **{**options, "adapter": None, "method": method,
                                                 "temperature": options["temperature"] or a.logit_scale})
 
         def sas():
+            adapted("clipsel")  # sets this row's charge: the adapters clipsel's SAS comes from
             if "sas" not in st:  # importance = misalignment (1 - SAS) from the method's adapted features
                 st["sas"] = clipsel(ratio).scores["sas"]
             return st["sas"]
@@ -344,13 +357,11 @@ def run(args) -> int:
             idx = np.arange(len(labels))
         elif method == "oracle":  # a perfect noise filter: clean samples only, the same class quotas
             idx = bl.random_subset(labels, c, ratio, seed, candidates=np.flatnonzero(~data.noisy))
-        elif method == "clipsel":
-            sel = clipsel(ratio)
-            idx, st["sas"] = sel.indices, sel.scores["sas"]
-            score = st["sas"]
-        elif method == "clipsel_paper":
-            sel = paper(ratio)
-            idx, score = sel.indices, sel.scores["sas"]
+        elif method in ("clipsel", "clipsel_paper"):  # score: the ranking the selection keeps the top of
+            sel = clipsel(ratio) if method == "clipsel" else paper(ratio)
+            idx, score = sel.indices, sel.scores["combined"]
+            if method == "clipsel":
+                st["sas"] = sel.scores["sas"]
         elif method == "ccs":
             score = sas()
             idx = bl.ccs(1 - score, ratio, seed=seed)
@@ -368,7 +379,7 @@ def run(args) -> int:
         else:
             idx = bl.FEATURE_BASELINES[method](x, labels, c, ratio, seed)
         seconds = time.perf_counter() - t0
-        if method in ("clipsel", "clipsel_paper", "ccs") and "adapted" in st:
+        if method in ("clipsel", "clipsel_paper", "ccs") and "adapt_s" in st:
             seconds += st["adapt_s"] - st.pop("adapt_here_s", 0.0)  # the adapters' training, once per row
         return np.asarray(idx), seconds, score
 
