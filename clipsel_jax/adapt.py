@@ -5,7 +5,7 @@ Losses: "infonce" (default): symmetric InfoNCE between L2-normalised adapted ima
 of their labels, learnable temperature; samples of the same class in a batch share one prompt, so every same-class
 pair counts as a positive (a multi-positive target) instead of a false negative. "class": cross-entropy of each
 image against all C prompts (CLIP zero-shot logits).
-Refinement (the default, `refine=1`): the adapters learn from labels that may be wrong, so after a first fit the
+Refinement (an option, `refine=1`): the adapters learn from labels that may be wrong, so after a first fit the
 samples it trusts (their closest prompt is their label's, and they are in the better-aligned half of their class)
 train it on for a few more epochs (`refit_epochs`, from its weights, fresh optimiser state), and the refitted
 adapters score every sample; `refine=0` is the paper's single fit.
@@ -35,7 +35,8 @@ from clipsel_jax.workdir import RunDir, resume_state
 from clipsel_jax.workdir_lock import with_workdir_lock
 
 
-DEFAULT_REFINE = 1  # refits of method "clipsel" (docs/method.md, "Refinement": a second helps pair noise a little)
+DEFAULT_REFINE = 0  # refits of method "clipsel": an option (docs/method.md, "Refinement": fewer mislabeled samples
+#                    kept under class-dependent noise, but subsets of clean data trained a weaker model)
 MAX_REFINE = 10
 TRUSTED_SHARE = 0.5  # a refit trains on at most this share of each class: its best-aligned agreeing samples
 
@@ -49,8 +50,8 @@ class AdaptConfig:
     lr: float = 1e-4
     batch_size: int = 256
     seed: int | None = None  # None: the run's seed (select_from_embeddings' seed; 0 for train_adapters alone)
-    refine: int | None = None  # refits on the trusted samples (see trusted_samples); None: the method's (1; 0 for
-    #                            method="paper", the paper's single fit)
+    refine: int | None = None  # refits on the trusted samples (see trusted_samples); None: the method's (0, a
+    #                            single fit, for both methods today)
     refit_epochs: int = 5  # epochs of each refit, continuing from the last fit's weights
 
     def __post_init__(self):

@@ -114,8 +114,9 @@ def _method_args(p, adapt=True, score=True, select=True):
                  choices=["linear", "mlp", "none"])
         _setting(g, "--adapter-loss", choices=["infonce", "class"])
         _setting(g, "--adapter-epochs", "", NATURAL)
-        _setting(g, "--adapter-refine", "refits on the samples the last fit trusts (default: the method's: 1 for "
-                                        "clipsel, 0 for paper)", dict(lo=0, hi=10, integer=True))
+        _setting(g, "--adapter-refine", "refits on the samples the last fit trusts (default: the method's: 0, one fit; "
+                                        "1 keeps fewer mislabeled samples under class-dependent noise)",
+                 dict(lo=0, hi=10, integer=True))
         _setting(g, "--adapter-refit-epochs", "epochs of each refit, from the last fit's weights", COUNT)
         _setting(g, "--adapter-lr", "", dict(lo=0, lo_open=True))
         _setting(g, "--adapter-batch", "", COUNT)

@@ -1,5 +1,5 @@
 """The alignment score and the adapters' refinement, measured: the paper's cosine against the default probability of
-the label's prompt, a single fit of the adapters against the default refit on the trusted samples, on the cached
+the label's prompt, a single fit of the adapters (the default) against refits on the trusted samples, on the cached
 embeddings of a `clipsel bench` workdir, under several noise kinds and seeds.
 
 For each noisy label set (and for corrupted images, whose embeddings the bench cached per seed) the adapters are
@@ -12,8 +12,9 @@ setting and seed: the share of bad samples kept at each ratio and the ranking's 
     python scripts/bench_alignment.py --data ../shared/data/cifar10-jpeg.zip --workdir out/detect \\
         --noise pair:0.4 corrupt:0.2 symmetric:0.2 --seeds 0 1 2 --refine 1 2 --typicality 0.3
 
-`--refine 1 2` measures one refit (the default) and two. `--typicality 0.3` adds two candidates for corrupted
-images (docs/method.md): the default's combined score plus 0.3 x a min-max-normalised typicality term over its mean, the encoder's feature norm or the cosine of an image's
+`--refine 1 2` measures one refit (`--adapter-refine 1`) and two. `--typicality 0.3` adds two candidates for corrupted
+images (docs/method.md): the refit's combined score plus 0.3 x a min-max-normalised typicality term over its mean,
+the encoder's feature norm or the cosine of an image's
 features to its class's mean feature.
 
 The workdir must hold the bench's embedding cache of the training split (`clipsel bench` writes it); for corrupt:F
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
     ap.add_argument("--refine", nargs="+", type=int, default=[1],
-                    help="refit counts to measure beside the single fit (the library's default: 1)")
+                    help="refit counts to measure beside the single fit (the library's default)")
     ap.add_argument("--typicality", nargs="*", type=float, default=[],
                     help="also rank by the default's c + W x a typicality term of the encoder's image features "
                          "(their norm; their cosine to their class's mean), for each weight W given")
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                                    temperature=a.logit_scale, seed=seed)
                 combined[name] = sc.combined
                 row[name] = measure(sc.combined)
-            default = "probability + 0.1 SDS, refit (default)"
+            default = "probability + 0.1 SDS, refit"
             for r in args.refine:  # the first fit is the one above, reused from its checkpoint
                 ar = adapt(x, labels, emb.text_emb, AdaptConfig(refine=r), seed=seed, workdir=fits)
                 sc = score_samples(ar.image, ar.text, labels, 0.1, temperature=ar.logit_scale, seed=seed)

@@ -174,10 +174,11 @@ def test_adapting_once_then_selecting_is_the_one_call():
     from clipsel_jax.pipeline import method_adapter
 
     x, y, t = unaligned(seed=4)
-    for method in ("clipsel", "paper"):
-        a = adapt(x, y, t, method_adapter(method, cs.AdaptConfig(epochs=3)), seed=2)
-        assert len(a.history["fits"]) == (2 if method == "clipsel" else 1)  # the paper's single fit
-        one = cs.select_from_embeddings(x, y, t, 0.3, seed=2, adapter=cs.AdaptConfig(epochs=3), method=method)
+    for method, refine, fits in (("clipsel", None, 1), ("clipsel", 1, 2), ("paper", None, 1)):
+        cfg = cs.AdaptConfig(epochs=3, refine=refine)
+        a = adapt(x, y, t, method_adapter(method, cfg), seed=2)
+        assert len(a.history["fits"]) == fits
+        one = cs.select_from_embeddings(x, y, t, 0.3, seed=2, adapter=cfg, method=method)
         two = cs.select_from_embeddings(a.image, y, a.text, 0.3, seed=2, adapter=None, method=method,
                                         temperature=a.logit_scale)
         np.testing.assert_array_equal(one.mask, two.mask)
