@@ -287,8 +287,9 @@ def trusted_samples(u, v, labels, temperature: float, share: float = TRUSTED_SHA
     _, prob, preferred, _ = alignment_and_preferred_class(u, v, labels, temperature=temperature, mesh=mesh)
     labels = np.asarray(labels)
     trusted = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
+    order = np.argsort(labels, kind="stable")  # the classes' members in one sort, not one pass over N per class
+    classes, starts = np.unique(labels[order], return_index=True)
+    for c, members in zip(classes, np.split(order, starts[1:])):
         agreeing = members[preferred[members] == c]
         pool, quota = (agreeing, max(1, int(share * len(members)))) if len(agreeing) else (members, 1)
         trusted[pool[np.argsort(-prob[pool], kind="stable")[:quota]]] = True

@@ -116,8 +116,8 @@ def test_refinement_stops_learning_the_wrong_labels():
 
 
 def test_every_fit_is_checkpointed_and_reused(tmp_path):
-    """Each fit in its own folder; a rerun reuses both; refine=0 reuses the first fit of refine=1 (the paper's
-    method and the default share it); a finished training is never reused for other training rows."""
+    """Each fit in its own folder; a rerun reuses both; refine=0 (the default and the paper's method) reuses the
+    first fit of refine=1; a finished training is never reused for other training rows or starting weights."""
     x, y, t, _ = pair_noise()
     cfg = AdaptConfig(epochs=3, lr=3e-3, batch_size=128, refine=1, refit_epochs=2)
     a = adapt(x, y, t, cfg, workdir=tmp_path)
