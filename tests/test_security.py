@@ -956,23 +956,36 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"localhost:{sys.argv[2]}", num_processes=2,
                            process_id=int(sys.argv[1]))
 from clipsel_jax.workdir_lock import WorkdirBusy, hold_workdir
+def tell(answer):  # a file of its own: gloo writes to stdout, unbuffered, and can split a line there
+    with open(sys.argv[4], "a") as f:
+        f.write(answer + "\\n")
 for wait in (False, True):
     try:
         with hold_workdir(sys.argv[3], wait=wait):
-            print("\\nANSWER held", flush=True)
+            tell("held")
     except WorkdirBusy as e:
-        print("\\nANSWER busy", e.holder and e.holder["pid"], flush=True)
+        tell(f"busy {e.holder and e.holder['pid']}")
 """
 
 
-def answer(stdout) -> list[str]:
-    """The next answer of MULTI: gloo writes to the same stdout, unbuffered and not always a whole line at a time,
-    so each answer starts a line of its own with a marker and is found by it."""
-    for line in stdout:
-        m = re.search(r"ANSWER (busy (?:\d+|None)|held)", line)
-        if m:
-            return m.group(1).split()
-    return []
+def answers(files, n, procs, timeout=240.0) -> list[list[str]]:
+    """The first `n` answers of each MULTI process, waiting up to `timeout` s; a process that dies or stays silent
+    fails the test with its output, at once, rather than after some other timer has changed the situation."""
+    start = time.monotonic()
+    end = start + timeout
+    while True:
+        got = [f.read_text().split("\n")[:-1] if f.exists() else [] for f in files]  # whole lines only
+        if all(len(g) >= n for g in got):
+            return [g[:n] for g in got]
+        dead = [p for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > end:
+            for p in procs:
+                p.kill()
+                p.wait()
+            logs = [Path(f"{f}.log").read_text()[-3000:] for f in files]
+            pytest.fail(f"after {time.monotonic() - start:.0f} s the answers are {got}; exit codes "
+                        f"{[p.returncode for p in procs]}; output: {logs}")
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -981,21 +994,27 @@ def test_all_processes_of_a_multi_process_run_agree(tmp_path):
     running on into a collective that never completes), and when it waits, they all wait."""
     from test_multihost import free_port
 
-    holder = hold_in_another_process(tmp_path, 600)
+    holder = hold_in_another_process(tmp_path / "w", 3600)  # until it is killed below
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI, str(i), port, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    files = [tmp_path / f"answers{i}" for i in range(2)]
+    logs = [open(f"{f}.log", "w") for f in files]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI, str(i), port, str(tmp_path / "w"), str(f)],
+                              stdout=log, stderr=subprocess.STDOUT) for i, (f, log) in enumerate(zip(files, logs))]
     try:
-        for p in procs:
-            assert answer(p.stdout) == ["busy", str(holder.pid)]
+        busy = f"busy {holder.pid}"
+        assert answers(files, 1, procs) == [[busy]] * 2
+        time.sleep(1.0)  # both now wait (process 1 in the broadcast of process 0's answer): nothing more is told
+        assert [f.read_text() for f in files] == [busy + "\n"] * 2
         holder.kill()  # the waiting second attempt now gets the lock, on process 0, for both
-        outs = [p.communicate(timeout=120) for p in procs]
+        got = answers(files, 2, procs)
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
     finally:
         for p in procs + [holder]:
             p.kill()
             p.wait()
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
-    assert [answer(io.StringIO(out)) for out, _ in outs] == [["held"], ["held"]]
+        for log in logs:
+            log.close()
+    assert got == [[busy, "held"]] * 2
 
 
 # -------------------------------------------------------------------------------------------------------------
