@@ -19,6 +19,12 @@ features to its class's mean feature.
 
 The workdir must hold the bench's embedding cache of the training split (`clipsel bench` writes it); for corrupt:F
 the corrupted images' embeddings are read from, or when missing added to, the bench's cache WORKDIR/corrupt/F_seedS.
+Pair noise uses CIFAR-10's pairs. For corrupt:F the kept share of each corruption kind and the ranking's AUC
+against each kind alone are printed too (in the JSON lines).
+
+    TI=../shared/data/tiny-imagenet-200-half.zip
+    python scripts/bench_alignment.py --data $TI --class-names $TI:tiny-imagenet-200/words.txt \\
+        --workdir out/tiny --noise symmetric:0.2 corrupt:0.2 --seeds 0 1 --ratios 0.3 0.5 0.7 --typicality 0.3
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import numpy as np
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="the bench's --data (its training split is read for labels)")
+    ap.add_argument("--class-names", help="the bench's --class-names (e.g. Tiny-ImageNet's words.txt): the same "
+                    "names make the same prompts, so the bench's embedding cache is found")
     ap.add_argument("--workdir", required=True, help="a `clipsel bench` workdir holding the embedding cache")
     ap.add_argument("--noise", nargs="+", default=["pair:0.4", "symmetric:0.2"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -47,7 +55,7 @@ def main(argv=None) -> int:
     import clipsel_jax as cs
     from clipsel_jax.adapt import AdaptConfig, adapt
     from clipsel_jax.config import DataConfig
-    from clipsel_jax.data.noise import (CIFAR10_PAIRS, NoiseSetting, corrupt_images, pair_label_noise,
+    from clipsel_jax.data.noise import (CIFAR10_PAIRS, CORRUPTIONS, NoiseSetting, corrupt_images, pair_label_noise,
                                         symmetric_label_noise)
     from clipsel_jax.evaluate.benchmark import detection_auc
     from clipsel_jax.evaluate.splits import load_images, open_splits
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
     for spec in args.noise:  # checked before anything is loaded
         if NoiseSetting.parse(spec).kind not in ("symmetric", "pair", "corrupt"):
             ap.error(f"--noise {spec}: needs bad samples to detect (symmetric:F, pair:F or corrupt:F)")
-    splits = open_splits(DataConfig(path=args.data))
+    splits = open_splits(DataConfig(path=args.data, class_names=args.class_names))
     enc = cs.load_encoder("offline")
     prompts = ["A photo of a {}."]
     emb = cs.embed(splits.train, enc, args.workdir, prompts=prompts, progress=False)
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
     for spec in args.noise:
         noise = NoiseSetting.parse(spec)
         for seed in args.seeds:
-            x, labels = x0, clean
+            x, labels, kind = x0, clean, None
             if noise.kind == "symmetric":
                 labels, bad = symmetric_label_noise(clean, c, noise.fraction, seed=seed)
             elif noise.kind == "pair":
@@ -100,6 +108,14 @@ def main(argv=None) -> int:
                 for r in args.ratios:
                     keep = rank_and_take(combined, combined, int(round(r * len(labels))), labels, c)
                     out[f"kept{r:g}"] = round(float(bad[keep].mean()) * 100, 2)
+                    if kind is not None:  # which corruptions get through: each kind's share of the kept set
+                        out[f"kept{r:g}_by_kind"] = {k: round(float((kind[keep] == i).mean()) * 100, 2)
+                                                     for i, k in enumerate(CORRUPTIONS)}
+                if kind is not None:  # and how well the ranking detects each kind (against the clean samples)
+                    out["auc_by_kind"] = {}
+                    for i, k in enumerate(CORRUPTIONS):
+                        pool = (kind == i) | ~bad
+                        out["auc_by_kind"][k] = round(detection_auc(combined[pool], kind[pool] == i), 4)
                 return out
 
             combined = {}
@@ -131,7 +147,31 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(table(rows, args.ratios))
+    if any("auc_by_kind" in v for r in rows for v in r.values() if isinstance(v, dict)):
+        print(kind_table(rows, args.ratios[0]))
     return 0
+
+
+def kind_table(rows, ratio) -> str:
+    """Markdown, corrupted settings only: per variant and corruption kind, the kind's share of the kept set at
+    `ratio` (of the 1/5 of the bad share each kind holds in the full set) and the AUC against that kind alone."""
+    lines = []
+    for noise in dict.fromkeys(r["noise"] for r in rows):
+        group = [r for r in rows if r["noise"] == noise and "auc_by_kind" in r["probability"]]
+        if not group:
+            continue
+        kinds = list(group[0]["probability"]["auc_by_kind"])
+        if not lines:
+            lines = ["| noise | ranking | " + " | ".join(kinds) + " |", "| --- | --- |" + " ---: |" * len(kinds)]
+        for v in [k for k in group[0] if isinstance(group[0][k], dict)]:
+            cells = []
+            for k in kinds:
+                kept = np.mean([r[v][f"kept{ratio:g}_by_kind"][k] for r in group])
+                auc = np.mean([r[v]["auc_by_kind"][k] for r in group])
+                cells.append(f"{kept:.2f}% ({auc:.3f})")
+            lines.append(f"| {noise} | {v} | " + " | ".join(cells) + " |")
+    return f"Share of the kept set at {ratio:.0%} by corruption kind (AUC against that kind), mean over seeds:\n" + \
+        "\n".join(lines)
 
 
 def table(rows, ratios) -> str:
