@@ -137,7 +137,7 @@ class RunConfig:
         return dict(adapter=self.adapt.build(), method=self.method, alignment=s.alignment,
                     temperature=s.temperature, balance=self.balance, k_neighbors=s.k_neighbors,
                     k_fraction=s.k_fraction, reference_threshold=s.reference_threshold,
-                    reference_size=s.reference_size, selection=self.selection)
+                    reference_size=s.reference_size, typicality=s.typicality, selection=self.selection)
 
     def to_dict(self) -> dict:
         """The nested dict of a config file (get_config()'s shape), every field written out."""
@@ -159,7 +159,7 @@ OPTIONS = {
     "adapter": "adapt.kind", "adapter_loss": "adapt.loss", "adapter_epochs": "adapt.epochs", "adapter_lr": "adapt.lr",
     "adapter_refine": "adapt.refine", "adapter_refit_epochs": "adapt.refit_epochs",
     "adapter_batch": "adapt.batch_size", "shared_dim": "adapt.shared_dim",
-    "alignment": "scores.alignment", "temperature": "scores.temperature",
+    "alignment": "scores.alignment", "temperature": "scores.temperature", "typicality": "scores.typicality",
     "k_fraction": "scores.k_fraction", "k_neighbors": "scores.k_neighbors",
     "reference_threshold": "scores.reference_threshold", "reference_size": "scores.reference_size",
     "alpha": "selection.alpha", "beta": "selection.beta", "max_steps": "selection.max_steps",

@@ -83,8 +83,9 @@ def _validate(image_emb, labels, text_emb, ratio):
 # The method's presets: what `method` sets when the call leaves a setting unset (None). "paper" is the paper's text:
 # the cosine SAS, alpha = r, one top-k over the whole data set, one fit of the adapters (docs/method.md says where
 # the default departs, why, and the evidence).
-METHODS = {"clipsel": dict(alignment="probability", balance="class", alpha="code", refine=DEFAULT_REFINE),
-           "paper": dict(alignment="cosine", balance="global", alpha="paper", refine=0)}
+METHODS = {"clipsel": dict(alignment="probability", balance="class", alpha="code", refine=DEFAULT_REFINE,
+                           typicality=0.0),
+           "paper": dict(alignment="cosine", balance="global", alpha="paper", refine=0, typicality=0.0)}
 
 
 def method_settings(method: str, alignment: str | None, balance: str | None,
@@ -107,6 +108,13 @@ def method_adapter(method: str, adapter: AdaptConfig | None) -> AdaptConfig | No
     return dataclasses.replace(adapter, refine=METHODS[method]["refine"])
 
 
+def method_typicality(method: str, typicality: float | None) -> float:
+    """The class typicality's weight, checked; unset (None): `method`'s preset."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return checks.number("typicality", METHODS[method]["typicality"] if typicality is None else typicality, lo=0)
+
+
 def alpha_value(alpha, ratio) -> float:
     """The diversity weight: "code" (0.1), "paper" (= ratio) or a number >= 0."""
     return SelectionConfig(alpha=alpha).alpha_for(ratio)
@@ -119,7 +127,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
                            balance: str | None = None,
                            alpha: float | str | None = None, beta: float | None = None, k_neighbors: int | None = None,
                            k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
-                           reference_size: int = DiversityConfig.reference_size,
+                           reference_size: int = DiversityConfig.reference_size, typicality: float | None = None,
+                           typicality_features=None,
                            selection: SelectionConfig | None = None, ids=None, workdir: str | Path | None = None,
                            mesh=None, progress: bool = False, chunk_steps: int = 20_000,
                            stop_after_chunks: int | None = None) -> Selection:
@@ -165,6 +174,13 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         Classes larger than this measure SDS against `reference_size` random members (memory for huge classes).
     reference_size : int >= 2
         The size of that reference sample.
+    typicality : float >= 0 or None
+        The weight w of the class typicality T in the combined score, c + w T / mean(T): T is the cosine of a sample's
+        encoder features to its labeled class's mean direction (low for an image unlike its class, e.g. a corrupted
+        one). None: the method's (0, off; docs/method.md, "Typicality", gives the measurements).
+    typicality_features : float array (N, Di) or None
+        The features T is measured on; None: image_emb. Give the encoder's features here when image_emb is
+        already adapted.
     selection : SelectionConfig or None
         The selection optimiser's settings (temperature, init, alpha, beta, lr, momentum, max_steps, tolerance,
         loop "band" or "full").
@@ -197,6 +213,11 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     timings = {"validate_s": time.perf_counter() - t0}
     alignment, balance, sel_cfg = method_settings(method, alignment, balance, _selection_config(selection, alpha, beta))
     adapter = method_adapter(method, adapter)
+    typicality = method_typicality(method, typicality)
+    if typicality_features is not None and (np.ndim(typicality_features) != 2
+                                            or len(typicality_features) != len(image_emb)):
+        raise ValueError(f"typicality_features must be one feature row per sample ({len(image_emb)}, D), got shape "
+                         f"{np.shape(typicality_features)}")
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
     if alignment not in ALIGNMENTS:
@@ -226,7 +247,9 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     t1 = time.perf_counter()
     temperature = temperature or adapted.logit_scale or DEFAULT_TEMPERATURE
     sc = score_samples(adapted.image, adapted.text, labels, a, alignment=alignment, temperature=temperature,
-                       seed=seed, mesh=mesh, **diversity)
+                       seed=seed, mesh=mesh, typicality=typicality,
+                       typicality_feats=image_emb if typicality_features is None else typicality_features,
+                       **diversity)
     timings["score_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -243,7 +266,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     meta = {
         "n": n, "k": k, "ratio": ratio, "num_classes": num_classes, "seed": seed, "method": method,
         "alignment": alignment, "temperature": round(float(temperature), 6), "balance": balance,
-        "alpha": a, "beta": sel_cfg.beta, "selection": dataclasses.asdict(sel_cfg),
+        "alpha": a, "beta": sel_cfg.beta, "typicality": typicality, "selection": dataclasses.asdict(sel_cfg),
         "adapter": dataclasses.asdict(adapted.config) if adapted.config is not None else None,
         "adapter_loss": adapted.history["loss"] if adapted.history else None,
         "adapter_trained_on": [f["trained_on"] for f in adapted.history["fits"]] if adapted.history else None,

@@ -7,6 +7,10 @@ Semantic Alignment Score  does the (adapted) image match its label's (adapted) p
 Sample Diversity Score    SDS_i = mean Euclidean distance from u_i to its K nearest neighbours of the same class,
                           itself excluded (K = 10% of the class size by default). High = sparse region = diverse.
 
+Class typicality         (an option, weight 0 by default) the cosine of a sample's encoder features to the mean
+                          direction of its labeled class: low for images unlike their class as a whole, e.g.
+                          corrupted ones (docs/method.md, "Typicality").
+
 SDS runs on device, truly per class (the authors' code assumed class-sorted data), with bounded memory: queries in
 tiles of rows against the class's keys, at most `max_tile_elements` distances at once per device (never an N x N
 or class x class matrix); the mean of the K smallest per row is found exactly without sorting. Query tiles are
@@ -88,6 +92,23 @@ def semantic_alignment(image_feats: np.ndarray, text_feats: np.ndarray, labels: 
 @jax.jit
 def _cosine_to_label(img, labels, txt):
     return jnp.sum(l2_normalize(img) * txt[labels], axis=-1)
+
+
+def class_typicality(feats: np.ndarray, labels: np.ndarray, num_classes: int, chunk: int = checks.ROW_CHUNK,
+                     mesh=None) -> np.ndarray:
+    """Cosine of each sample's features to the mean of its labeled class's unit features, float32 (N,): 1 for a
+    sample pointing where its class points on average, lower for an atypical one. Two passes over the rows in chunks
+    (class sums, then the cosines), so memory stays bounded at any N; an all-zero row scores 0."""
+    sums = np.zeros((num_classes, feats.shape[1]), np.float64)
+    labels = np.asarray(labels)
+    for i in range(0, len(feats), chunk):  # sort + reduceat: linear in the rows whatever C is (np.add.at is ~10x slower)
+        f = np.asarray(feats[i:i + chunk], np.float32)
+        u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        order = np.argsort(labels[i:i + chunk], kind="stable")
+        sorted_labels = labels[i:i + chunk][order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        sums[sorted_labels[starts]] += np.add.reduceat(u[order], starts, axis=0)
+    return semantic_alignment(feats, sums.astype(np.float32), labels, chunk, mesh)  # the sums are normalised there
 
 
 def preferred_class(image_feats: np.ndarray, text_feats: np.ndarray, chunk: int = checks.ROW_CHUNK,
@@ -287,6 +308,7 @@ class ScoresConfig:
     k_neighbors: int | None = None  # a fixed K for every class instead
     reference_threshold: int | None = None  # classes larger than this measure SDS against a random reference ...
     reference_size: int = 4096  # ... of this many members (memory for huge classes)
+    typicality: float | None = None  # weight of the class typicality in c; None: the method's (0: off)
 
     def __post_init__(self):
         if self.alignment is not None and self.alignment not in ALIGNMENTS:
@@ -297,6 +319,7 @@ class ScoresConfig:
                                      self.reference_size)
         for name, value in zip(("k_neighbors", "k_fraction", "reference_threshold", "reference_size"), checked):
             object.__setattr__(self, name, value)  # frozen: numpy scalars become Python numbers
+        object.__setattr__(self, "typicality", checks.optional_number("typicality", self.typicality, lo=0))
 
 
 DiversityConfig = ScoresConfig  # its name before the alignment settings joined it
@@ -403,14 +426,16 @@ def minmax(x: np.ndarray) -> np.ndarray:
 # The scoring stage
 
 
-def combined_score(sas, sds, alpha):
-    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS): the loss's per-sample reward (scores min-max normalised).
-    A score that is constant over the data set (normalised to all zeros) contributes nothing."""
+def combined_score(sas, sds, alpha, typicality=None, weight=0.0):
+    """c = SAS / mean(SAS) + alpha * SDS / mean(SDS) [+ weight * T / mean(T), T the class typicality]: the loss's
+    per-sample reward (scores min-max normalised). A score that is constant over the data set (normalised to all
+    zeros) contributes nothing."""
     def term(x):
         m = jnp.mean(x)
         return jnp.where(m > 0, x / jnp.where(m > 0, m, 1.0), 0.0)
 
-    return term(sas) + alpha * term(sds)
+    c = term(sas) + alpha * term(sds)
+    return c if typicality is None or weight == 0 else c + weight * term(typicality)
 
 
 @dataclass
@@ -420,19 +445,20 @@ class Scores:
     sas: np.ndarray  # float32: the alignment score in c (higher = better aligned): `alignment`'s
     cosine: np.ndarray  # float32: cosine of the image and its label's prompt (the paper's SAS)
     sds: np.ndarray  # float32: mean distance to the K nearest same-class neighbours (higher = more diverse)
-    combined: np.ndarray  # float32: c = SAS / mean(SAS) + alpha * SDS / mean(SDS), min-max normalised scores
+    combined: np.ndarray  # float32: c = SAS / mean(SAS) + alpha * SDS / mean(SDS) [+ w T / mean(T)], min-max normalised
     preferred_class: np.ndarray  # int64: the class whose prompt the image is closest to
     diversity: DiversityInfo  # K and reference size per class (C,)
     alignment: str = "probability"  # which score `sas` holds
     temperature: float = DEFAULT_TEMPERATURE  # the probability's temperature
     preferred_confidence: np.ndarray | None = None  # float32: the probability (at `temperature`) of preferred_class
+    typicality: np.ndarray | None = None  # float32: the class typicality T, where its weight is > 0
 
 
 def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
                   temperature: float = DEFAULT_TEMPERATURE, k: int | None = None,
                   k_fraction: float = DiversityConfig.k_fraction, reference_threshold: int | None = None,
                   reference_size: int = DiversityConfig.reference_size, seed: int = 0,
-                  mesh=None) -> Scores:
+                  typicality: float = 0.0, typicality_feats=None, mesh=None) -> Scores:
     """SAS, SDS, the combined score and the preferred class of aligned features.
 
     u: float (N, D) image features; v: float (C, D) class prompt features in the same space (adapted, or CLIP's
@@ -440,7 +466,10 @@ def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
     rules); alignment: "probability" (softmax over the C prompts of temperature * cosine, at the label) or
     "cosine" (the paper's SAS); temperature: the probability's (the adapters' learned logit scale in the pipeline);
     k, k_fraction, reference_threshold, reference_size: SDS's neighbours (see sample_diversity); seed: the
-    reference samples of large classes. Raises StageOutputError if any score is NaN or inf."""
+    reference samples of large classes; typicality: the weight w >= 0 of the class typicality T in c (0: not
+    computed), measured on `typicality_feats` (N, Di) (None: on u; the pipeline passes the encoder's own features).
+    Raises StageOutputError if any score is NaN or inf."""
+    typicality = checks.number("typicality", typicality, lo=0)
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
     cosine, prob, preferred, confidence = alignment_and_preferred_class(u, v, labels, mesh=mesh,
@@ -449,9 +478,16 @@ def score_samples(u, v, labels, alpha: float, *, alignment: str = ALIGNMENTS[0],
     sds, div = sample_diversity(u, labels, len(v), k_fraction=k_fraction, k=k,
                                 reference_threshold=reference_threshold, reference_size=reference_size, seed=seed,
                                 mesh=mesh)
-    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), alpha))
+    typ = None
+    if typicality > 0:
+        feats = u if typicality_feats is None else typicality_feats
+        if len(feats) != len(u):
+            raise ValueError(f"typicality_feats must have one row per sample ({len(u)}), got {len(feats)}")
+        typ = class_typicality(feats, labels, len(v), mesh=mesh)
+    c = np.asarray(combined_score(jnp.asarray(minmax(sas)), jnp.asarray(minmax(sds)), alpha,
+                                  None if typ is None else jnp.asarray(minmax(typ)), typicality))
     for name, x in (("SAS", sas), ("SDS", sds), ("the combined score", c)):
         checks.finite_output("scoring", name, x, "features too large for float32 distances (rescale the embeddings), "
                                                  "or NaN/inf in features given without adapters")
     return Scores(sas.astype(np.float32), cosine.astype(np.float32), sds.astype(np.float32), c.astype(np.float32),
-                  preferred, div, alignment, float(temperature), confidence)
+                  preferred, div, alignment, float(temperature), confidence, typ)

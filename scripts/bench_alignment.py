@@ -12,10 +12,10 @@ setting and seed: the share of bad samples kept at each ratio and the ranking's 
     python scripts/bench_alignment.py --data ../shared/data/cifar10-jpeg.zip --workdir out/detect \\
         --noise pair:0.4 corrupt:0.2 symmetric:0.2 --seeds 0 1 2 --refine 1 2 --typicality 0.3
 
-`--refine 1 2` measures one refit (`--adapter-refine 1`) and two. `--typicality 0.3` adds two candidates for corrupted
+`--refine 1 2` measures one refit (`--adapter-refine 1`) and two. `--typicality 0.3` adds three candidates for corrupted
 images (docs/method.md): the refit's combined score plus 0.3 x a min-max-normalised typicality term over its mean,
-the encoder's feature norm or the cosine of an image's
-features to its class's mean feature.
+the encoder's feature norm, or the cosine of an image's features to its class's mean feature (the class typicality
+of the library's `typicality` option) on the encoder's features or on the adapted ones.
 
 The workdir must hold the bench's embedding cache of the training split (`clipsel bench` writes it); for corrupt:F
 the corrupted images' embeddings are read from, or when missing added to, the bench's cache WORKDIR/corrupt/F_seedS.
@@ -125,11 +125,14 @@ def main(argv=None) -> int:
                 combined[name] = sc.combined
                 row[name] = measure(sc.combined)
             default = "probability + 0.1 SDS, refit"
+            base_image = a.image  # the adapted image features of the ranking the typicality terms are added to
             for r in args.refine:  # the first fit is the one above, reused from its checkpoint
                 ar = adapt(x, labels, emb.text_emb, AdaptConfig(refine=r), seed=seed, workdir=fits)
                 sc = score_samples(ar.image, ar.text, labels, 0.1, temperature=ar.logit_scale, seed=seed)
                 name = default if r == 1 else f"probability + 0.1 SDS, {r} refits"
                 combined[name] = sc.combined
+                if r == 1:
+                    base_image = ar.image
                 refits = ar.history["fits"][1:]
                 row[name] = {**measure(sc.combined), "refit_s": round(sum(f["seconds"] for f in refits), 1),
                              "trusted": refits[0]["trained_on"]}
@@ -139,7 +142,11 @@ def main(argv=None) -> int:
                 unit = feats / norm[:, None]
                 means = np.stack([unit[labels == k].mean(0) for k in range(c)])
                 prototype = (unit * (means / np.linalg.norm(means, axis=1, keepdims=True))[labels]).sum(1)
-                for term_name, t in (("feature norm", norm), ("class-prototype cosine", prototype)):
+                from clipsel_jax.scores import class_typicality
+
+                adapted_prototype = class_typicality(base_image, labels, c)  # the same, in the adapters' space
+                for term_name, t in (("feature norm", norm), ("class-prototype cosine", prototype),
+                                     ("class-prototype cosine, adapted", adapted_prototype)):
                     t = minmax(t)
                     for w in args.typicality:
                         base = default if default in combined else list(combined)[len(variants)]

@@ -162,13 +162,13 @@ def test_bench_refuses_pair_noise_it_cannot_place_and_an_earlier_results_file(tm
 
 
 def test_bench_trains_the_adapters_of_a_label_set_once(tmp_path, tiny_clip_folder):
-    """Two ratios x clipsel, clipsel_paper and ccs, the refinement on (the config's setting, which the paper's
-    method's rows take too): one adapter training (a first fit and its refit), reused by every row; each row's
-    select_s still counts both fits."""
+    """Two ratios x clipsel, clipsel_paper and ccs, the refinement and the class typicality on (the config's
+    settings, which the paper's method's rows take too): one adapter training (a first fit and its refit), reused
+    by every row; each row's select_s still counts both fits."""
     data = _image_set(tmp_path / "c.zip")
     work = tmp_path / "bench"
     refit = tmp_path / "refit.py"  # the refinement on: clipsel's adapters are the first fit and a refit
-    refit.write_text("def get_config():\n    return {'adapt': {'refine': 1}}\n")
+    refit.write_text("def get_config():\n    return {'adapt': {'refine': 1}, 'scores': {'typicality': 0.3}}\n")
     argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip_folder),
             "--methods", "clipsel", "clipsel_paper", "ccs", "--ratios", "0.3", "0.5", "--noise", "symmetric:0.3",
             "--seeds", "0", "--config", str(refit)]

@@ -140,6 +140,7 @@ def test_report_reopens_the_source_of_the_selection(selected, capsys):
     (["adapt", "--embeddings", "EMB", "--adapter", "none"], "trains adapters"),
     (["score", "--embeddings", "UNALIGNED"], "run `clipsel adapt` first"),
     (["score", "--embeddings", "UNALIGNED", "--alpha", "paper"], "give --ratio too"),
+    (["score", "--embeddings", "ADAPTED", "--typicality", "0.3"], "holds adapted ones"),
     (["report", "--workdir", "EMPTY"], "run `clipsel select`"),
     (["bench"], "--data is required"),
     (["bench", "--data", "FOLDER", "--methods", "clipsel", "magic"], "unknown --methods magic"),
@@ -159,7 +160,10 @@ def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_cli
     np.savez(tmp_path / "unaligned.npz", image_emb=rng.normal(size=(6, 8)).astype(np.float32),
              labels=np.arange(6) % 2, ids=np.arange(6), text_emb=rng.normal(size=(2, 5)).astype(np.float32),
              class_names=np.array(["a", "b"]), prompts=np.array(["a", "b"]))
-    subs = {"FOLDER": str(folder), "ENC": str(tiny_clip_folder), "BADCFG": str(tmp_path / "bad.py"),
+    np.savez(tmp_path / "adapted.npz", image_emb=rng.normal(size=(6, 5)).astype(np.float32),
+             labels=np.arange(6) % 2, ids=np.arange(6), text_emb=rng.normal(size=(2, 5)).astype(np.float32),
+             class_names=np.array(["a", "b"]), prompts=np.array(["a", "b"]), logit_scale=np.float64(20.0))
+    subs = {"ADAPTED": str(tmp_path / "adapted.npz"), "FOLDER": str(folder), "ENC": str(tiny_clip_folder), "BADCFG": str(tmp_path / "bad.py"),
             "NOFUNC": str(tmp_path / "nofunc.py"),
             "FLATCFG": str(tmp_path / "flat.py"), "BADVALUE": str(tmp_path / "badvalue.py"),
             "NOTNPZ": str(tmp_path / "not.npz"),
@@ -366,3 +370,20 @@ def test_embed_command_missing_tfds_set_is_a_clear_error(tmp_path, tiny_clip_fol
                str(tmp_path / "empty"), "--out", str(tmp_path / "o.npz"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot be opened" in err and "tfds build cifar10" in err and "Traceback" not in err
+
+
+def test_score_with_typicality_on_an_aligned_encoders_embeddings(tmp_path, capsys):
+    """`clipsel score --typicality W` on embeddings of an aligned encoder (no adapters) adds the class typicality
+    of those features to the combined score, as score_samples does, and says so in its summary."""
+    from clipsel_jax.scores import score_samples
+
+    rng = np.random.default_rng(3)
+    x, t, y = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(3, 6)).astype(np.float32), np.arange(40) % 3
+    np.savez(tmp_path / "e.npz", image_emb=x, labels=y, ids=np.arange(40), text_emb=t,
+             class_names=np.array(["a", "b", "c"]), prompts=np.array(["a", "b", "c"]))
+    capsys.readouterr()
+    assert main(["score", "--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "s.csv"),
+                 "--typicality", "0.3", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["typicality"] == 0.3
+    want = score_samples(x, t, y, 0.1, typicality=0.3, temperature=100.0).combined
+    np.testing.assert_allclose(np.load(tmp_path / "s.npz")["combined"], want, rtol=1e-5, atol=1e-6)

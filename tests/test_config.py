@@ -85,6 +85,8 @@ def test_every_option_maps_to_a_field():
     (dict(adapt=dict(lr=float("nan"))), "lr must be finite, got nan"),
     (dict(adapt=dict(refine=11)), r"refine must be in \[0, 10\], got 11"),
     (dict(scores=dict(k_fraction=0)), "k_fraction must be in"),
+    (dict(scores=dict(typicality=-0.5)), "typicality must be >= 0, got -0.5"),
+    (dict(scores=dict(typicality=float("nan"))), "typicality must be finite"),
     (dict(selection=dict(alpha="lots")), "alpha must be 'code'"),
     (dict(embed=dict(prompts=["no slot"])), r"must be templates with a \{\}"),
     (dict(encoder=dict(dtype="float16")), "encoder.dtype must be"),
@@ -95,6 +97,14 @@ def test_every_option_maps_to_a_field():
 def test_bad_configs_say_what_is_wrong(nested, match):
     with pytest.raises(config.ConfigError, match=match):
         config.build(nested)
+
+
+def test_typicality_from_the_command_line_reaches_the_selection_options():
+    c = _parse(["select", "--config", "cifar10", "--typicality", "0.3"]).cfg
+    assert c.scores.typicality == 0.3 and c.selection_options()["typicality"] == 0.3
+    assert _parse(["select", "--config", "cifar10"]).cfg.selection_options()["typicality"] is None  # the method's
+    with pytest.raises(SystemExit):
+        _parse(["select", "--config", "cifar10", "--typicality", "-1"])
 
 
 def test_adapter_none_and_selection_options():

@@ -189,3 +189,43 @@ def test_sampled_reference_of_a_class_does_not_depend_on_the_other_classes():
 def test_minmax():
     np.testing.assert_allclose(minmax(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
     assert minmax(np.ones(3)).tolist() == [0, 0, 0]
+
+
+def test_class_typicality_is_the_cosine_to_the_class_mean_direction(data):
+    """Against numpy: each row's cosine to the normalised mean of its class's unit rows, with the rows in several
+    chunks (the class sums add up across chunks) and an all-zero row (scores 0, adds nothing to its class)."""
+    from clipsel_jax.scores import class_typicality
+
+    x, y, c = data
+    x = x.copy()
+    x[7] = 0.0
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    means = np.stack([unit[y == k].sum(0) for k in range(c)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    ref = (unit * means[y]).sum(1)
+    np.testing.assert_allclose(class_typicality(x, y, c, chunk=500), ref, atol=1e-5)
+    np.testing.assert_allclose(class_typicality(x, y, c), ref, atol=1e-5)
+    assert class_typicality(x, y, c)[7] == 0.0
+
+
+def test_typicality_weight_adds_its_term_to_the_combined_score_and_only_then(data):
+    """c = SAS / mean + alpha SDS / mean + w T / mean (min-max normalised T, measured on the features given for it);
+    w = 0 computes nothing and leaves c as it was; a bad weight or a feature count that does not match is refused."""
+    from clipsel_jax.scores import class_typicality, score_samples
+
+    x, y, c = data
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(c, x.shape[1])).astype(np.float32)
+    other = rng.normal(size=(len(x), 5)).astype(np.float32)  # e.g. the encoder's features beside adapted ones
+    base = score_samples(x, text, y, 0.1)
+    assert base.typicality is None
+    with_t = score_samples(x, text, y, 0.1, typicality=0.3, typicality_feats=other)
+    t = minmax(class_typicality(other, y, c))
+    np.testing.assert_allclose(with_t.typicality, class_typicality(other, y, c))
+    np.testing.assert_allclose(with_t.combined, base.combined + 0.3 * t / t.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(score_samples(x, text, y, 0.1, typicality=0.0).combined, base.combined)
+    for bad in (-0.1, float("nan"), float("inf"), "0.3"):
+        with pytest.raises(ValueError, match="typicality must be"):
+            score_samples(x, text, y, 0.1, typicality=bad)
+    with pytest.raises(ValueError, match="one row per sample"):
+        score_samples(x, text, y, 0.1, typicality=0.3, typicality_feats=other[:-1])

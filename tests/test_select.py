@@ -305,6 +305,30 @@ def test_paper_method_is_one_option_away():
             cs.select_from_embeddings(x, y, text, 0.4, adapter=None, temperature=bad)
 
 
+def test_typicality_drops_images_unlike_their_class():
+    """The class typicality's weight reaches the selection: samples aligned with their prompt (SAS alone cannot
+    tell them apart) but atypical of their class in the encoder's features, as corrupted images are, are kept at
+    the base rate without it and dropped with it. The method's preset is 0 for both methods; a bad weight or
+    feature shape is refused before anything runs."""
+    x, y, text, _ = noisy_clusters(n_per=200, seed=13, classes=4, flip=0.0)
+    rng = np.random.default_rng(0)
+    encoder = x + 0.3 * rng.normal(size=x.shape).astype(np.float32)  # the encoder's features: x, a little noise
+    odd = rng.random(len(y)) < 0.2
+    encoder[odd] = rng.normal(size=(odd.sum(), x.shape[1])).astype(np.float32) * np.linalg.norm(x, axis=1).mean()
+    kw = dict(adapter=None, typicality_features=encoder)
+    without = cs.select_from_embeddings(x, y, text, 0.5, **kw)
+    with_t = cs.select_from_embeddings(x, y, text, 0.5, typicality=1.0, **kw)
+    assert odd[without.mask].mean() > 0.1 and odd[with_t.mask].mean() < 0.02, (odd[without.mask].mean(),
+                                                                               odd[with_t.mask].mean())
+    assert (without.meta["typicality"], with_t.meta["typicality"]) == (0.0, 1.0)
+    assert cs.select_from_embeddings(x, y, text, 0.5, adapter=None, method="paper").meta["typicality"] == 0.0
+    for bad in (-1, float("nan"), "0.3"):
+        with pytest.raises(ValueError, match="typicality must be"):
+            cs.select_from_embeddings(x, y, text, 0.5, adapter=None, typicality=bad)
+    with pytest.raises(ValueError, match="typicality_features must be one feature row per sample"):
+        cs.select_from_embeddings(x, y, text, 0.5, adapter=None, typicality=0.3, typicality_features=encoder[:10])
+
+
 def test_selection_config_is_used():
     x, y, text, _ = noisy_clusters(n_per=100, seed=9, classes=3)
     sel = cs.select_from_embeddings(x, y, text, 0.3, adapter=None, selection=SelectionConfig(max_steps=5))

@@ -337,7 +337,7 @@ def run(args) -> int:
 
         def select_adapted(r, method):
             a = adapted(method)
-            return cs.select_from_embeddings(a.image, labels, a.text, r, seed=seed,
+            return cs.select_from_embeddings(a.image, labels, a.text, r, seed=seed, typicality_features=x,
                                              **{**options, "adapter": None, "method": method,
                                                 "temperature": options["temperature"] or a.logit_scale})
 
