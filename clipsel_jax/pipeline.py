@@ -214,10 +214,14 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     alignment, balance, sel_cfg = method_settings(method, alignment, balance, _selection_config(selection, alpha, beta))
     adapter = method_adapter(method, adapter)
     typicality = method_typicality(method, typicality)
-    if typicality_features is not None and (np.ndim(typicality_features) != 2
-                                            or len(typicality_features) != len(image_emb)):
-        raise ValueError(f"typicality_features must be one feature row per sample ({len(image_emb)}, D), got shape "
-                         f"{np.shape(typicality_features)}")
+    if typicality_features is not None:  # checked as image_emb is, before any stage runs
+        typicality_features = np.asarray(typicality_features)
+        if typicality_features.ndim != 2 or len(typicality_features) != len(image_emb):
+            raise ValueError(f"typicality_features must be one feature row per sample ({len(image_emb)}, D), got "
+                             f"shape {typicality_features.shape}")
+        if not (np.issubdtype(typicality_features.dtype, np.floating) or typicality_features.dtype.name == "bfloat16"):
+            raise ValueError(f"typicality_features must be floating point, got {typicality_features.dtype}")
+        checks.finite_input("typicality_features", typicality_features)
     if balance not in ("class", "global"):
         raise ValueError(f"balance must be 'class' or 'global', got {balance!r}")
     if alignment not in ALIGNMENTS:

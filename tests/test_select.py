@@ -327,6 +327,9 @@ def test_typicality_drops_images_unlike_their_class():
             cs.select_from_embeddings(x, y, text, 0.5, adapter=None, typicality=bad)
     with pytest.raises(ValueError, match="typicality_features must be one feature row per sample"):
         cs.select_from_embeddings(x, y, text, 0.5, adapter=None, typicality=0.3, typicality_features=encoder[:10])
+    encoder[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"typicality_features has 1 rows with NaN or inf: \[3\]"):
+        cs.select_from_embeddings(x, y, text, 0.5, adapter=None, typicality=0.3, typicality_features=encoder)
 
 
 def test_selection_config_is_used():
