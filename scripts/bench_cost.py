@@ -107,6 +107,16 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(one(args)))
         return 0
+    from clipsel_jax.data.noise import NoiseSetting
+
+    for spec in args.noise:  # checked before anything is loaded
+        try:
+            kind = NoiseSetting.parse(spec).kind
+        except ValueError as e:
+            ap.error(str(e))
+        if kind not in ("none", "symmetric", "pair"):
+            ap.error(f"--noise {spec}: label sets only (none, symmetric:F, pair:F); corrupted images change the "
+                     "embeddings, not the cost")
     load(args)  # embed once here (cached), so no timed child ever embeds
     rows = []
     for spec in args.noise:
