@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def one(args) -> dict:
 
         from clipsel_jax.scores import minmax
 
-        torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         steps, secs, finished = torch_loop(minmax(np.asarray(sel.scores["sas"])),
                                            minmax(np.asarray(sel.scores["sds"])),
                                            round(args.ratio * len(labels)), alpha=args.ratio, cap_s=args.torch_cap)
@@ -117,7 +118,15 @@ def main(argv=None) -> int:
         if kind not in ("none", "symmetric", "pair"):
             ap.error(f"--noise {spec}: label sets only (none, symmetric:F, pair:F); corrupted images change the "
                      "embeddings, not the cost")
-    load(args)  # embed once here (cached), so no timed child ever embeds
+    if "paper" in args.methods and args.torch_cap > 0:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            ap.error("the authors' PyTorch loop needs torch (pip install torch==2.13.0, CPU); or pass --torch-cap 0")
+    try:
+        load(args)  # embed once here (cached), so no timed child ever embeds
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
     rows = []
     for spec in args.noise:
         for seed in args.seeds:
