@@ -9,7 +9,8 @@ Refinement (an option, `refine=1`): the adapters learn from labels that may be w
 samples it trusts (their closest prompt is their label's, and they are in the better-aligned half of their class)
 train it on for a few more epochs (`refit_epochs`, from its weights, fresh optimiser state), and the refitted
 adapters score every sample; `refine=0` is the paper's single fit.
-Data-parallel over the mesh (batch split, weights replicated); an orbax checkpoint at most every 30 s (and at the
+Data-parallel over the mesh (batch split, weights replicated; by default all devices, but one on a single-process
+CPU host: parallel.training_mesh); an orbax checkpoint at most every 30 s (and at the
 end); a rerun with the same workdir resumes after the last saved epoch, and reuses a finished training as it is.
 """
 
@@ -115,7 +116,11 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
                    progress: bool = False, stop_after_epochs: int | None = None,
                    checkpoint_every: float = 30.0, fit: int = 0,
                    init: Adapters | None = None) -> tuple[Adapters, dict]:
-    """Train adapters; returns (adapters, history {"loss": per-epoch means, "resumed_from": epoch or None}).
+    """Train adapters; returns (adapters, history {"loss": per-epoch means, "resumed_from": epoch or None,
+    "devices": how many devices trained them}).
+
+    mesh: the devices to split each batch over; None: parallel.training_mesh() (all devices, or one on a
+    single-process CPU host).
 
     train_indices: train on these samples only (e.g. a small trusted subset); scores still cover every sample.
     stop_after_epochs: return after this many epochs of this call (the checkpoint allows resuming later).
@@ -128,7 +133,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     rows and starting weights (e.g. another keep ratio): no epoch runs.
     """
     checkpoint_every = checks.number("checkpoint_every", checkpoint_every, lo=0)
-    mesh = mesh or parallel.data_mesh()
+    mesh = parallel.training_mesh(mesh)
     if cfg.seed is None:  # the settings (and checkpoints) record the seed actually used
         cfg = dataclasses.replace(cfg, seed=0)
     seed = cfg.seed
@@ -148,7 +153,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
     params = jax.device_put(params, rep)
     opt_state = jax.device_put(tx.init(params), rep)
     text = jax.device_put(text_emb, rep)
-    history = {"loss": [], "resumed_from": None}
+    history = {"loss": [], "resumed_from": None, "devices": int(mesh.devices.size)}
     start_epoch = 0
     ckpt = None
     fingerprint = data_fingerprint(image_emb, labels, text_emb)
@@ -164,7 +169,7 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
             state, meta = ckpt.restore(like={"params": params, "opt_state": opt_state})
             params, opt_state = state["params"], state["opt_state"]
             start_epoch = meta["epoch"]
-            history = {"loss": list(meta["loss"]), "resumed_from": start_epoch}
+            history = {**history, "loss": list(meta["loss"]), "resumed_from": start_epoch}
 
     @jax.jit
     def train_step(params, opt_state, x, y, valid, text):
@@ -197,8 +202,8 @@ def train_adapters(image_emb: np.ndarray, labels: np.ndarray, text_emb: np.ndarr
             x = jax.device_put(parallel.pad_rows(image_emb[rows], batch), sharding)
             y = jax.device_put(parallel.pad_rows(labels[rows], batch), sharding)
             params, opt_state, loss = train_step(params, opt_state, x, y, jax.device_put(valid, sharding), text)
-            losses.append((float(loss), len(rows)))
-        mean = sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses))
+            losses.append((loss, len(rows)))  # read at the epoch's end: a read per step would stall the queue
+        mean = sum(float(l) * n for l, n in losses) / max(1, sum(n for _, n in losses))
         if not np.isfinite(mean):  # stop before NaN weights are checkpointed or used to score anything
             raise checks.StageOutputError(
                 f"dataset adaptation: the adapter loss is {mean} at epoch {epoch + 1}. Likely cause: the learning rate "

@@ -191,7 +191,8 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         Held for the call: a second run on it gets clipsel_jax.WorkdirBusy (see clipsel_jax.workdir_lock). A URL
         (gs://bucket/run, any fsspec scheme) works through a synced local mirror (clipsel_jax.storage).
     mesh : jax.sharding.Mesh or None
-        The devices (default: all, one 'data' axis).
+        The devices (default: all, one 'data' axis; the adapters train on one of them on a single-process CPU host,
+        see clipsel_jax.parallel.training_mesh).
     progress : bool
         Progress bars for the long stages.
     chunk_steps : int >= 1
@@ -240,12 +241,14 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if ids.shape != (n,):
         raise ValueError(f"ids must be one id per sample ({n}), got shape {ids.shape}")
+    adapter_mesh = mesh  # None: parallel.training_mesh (one device on a CPU host, where a split only slows them)
     mesh = mesh or parallel.data_mesh()
     a = sel_cfg.alpha_for(ratio)
     workdir = Path(workdir) if workdir is not None else None
 
     t1 = time.perf_counter()
-    adapted = adapt(image_emb, labels, text_emb, adapter, seed=seed, workdir=workdir, mesh=mesh, progress=progress)
+    adapted = adapt(image_emb, labels, text_emb, adapter, seed=seed, workdir=workdir, mesh=adapter_mesh,
+                    progress=progress)
     timings["adapt_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -274,6 +277,7 @@ def select_from_embeddings(image_emb, labels, text_emb, ratio: float, seed: int 
         "adapter": dataclasses.asdict(adapted.config) if adapted.config is not None else None,
         "adapter_loss": adapted.history["loss"] if adapted.history else None,
         "adapter_trained_on": [f["trained_on"] for f in adapted.history["fits"]] if adapted.history else None,
+        "adapter_devices": adapted.history["devices"] if adapted.history else None,
         "optimiser": {"steps": int(opt.steps), "count_at_stop": int(opt.count),
                       "converged": bool(abs(opt.count - k) < sel_cfg.tolerance_for(n)), **opt.how},
         "sds_k": {"requested": div.k_requested.tolist(), "used": div.k.tolist(),

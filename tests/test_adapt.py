@@ -51,6 +51,35 @@ def test_kill_and_resume_adapter_training(tmp_path):
     assert again["resumed_from"] == 6
 
 
+def test_one_cpu_device_by_default_a_given_mesh_data_parallel(tmp_path):
+    """This session is one process on a CPU host split into 4 devices: the adapters train on one of them unless a
+    mesh is given (a split only slows a small model on CPU). On a given 4-device mesh each batch is split, with the
+    same training up to float rounding, and a checkpoint written on 4 devices resumes on one."""
+    import jax
+
+    import clipsel_jax as cs
+    from clipsel_jax import parallel
+
+    assert jax.device_count() == 4 and parallel.training_mesh().devices.size == 1
+    x, y, t = unaligned(seed=2)
+    cfg = AdaptConfig(epochs=4, lr=3e-3, batch_size=100)
+    one, h1 = train_adapters(x, y, t, cfg)
+    four, h4 = train_adapters(x, y, t, cfg, mesh=parallel.data_mesh())
+    assert h1["devices"] == 1 and h4["devices"] == 4
+    np.testing.assert_allclose(h4["loss"], h1["loss"], rtol=1e-4)
+    np.testing.assert_allclose(apply_adapters(four, x, t)[0], apply_adapters(one, x, t)[0], atol=1e-4)
+    train_adapters(x, y, t, cfg, workdir=tmp_path, mesh=parallel.data_mesh(), stop_after_epochs=2)
+    resumed, hr = train_adapters(x, y, t, cfg, workdir=tmp_path)
+    assert hr["resumed_from"] == 2 and hr["devices"] == 1
+    np.testing.assert_allclose(apply_adapters(resumed, x, t)[0], apply_adapters(one, x, t)[0], atol=1e-4)
+    # the whole selection: adapters on one device, unless its mesh is given; the meta says which
+    sel = cs.select_from_embeddings(x, y, t, 0.5, adapter=dataclasses.replace(cfg, shared_dim=8))
+    assert sel.meta["adapter_devices"] == 1 and sel.meta["versions"]["devices"] == 4
+    sel = cs.select_from_embeddings(x, y, t, 0.5, adapter=dataclasses.replace(cfg, shared_dim=8),
+                                    mesh=parallel.data_mesh(jax.devices()[:2]))
+    assert sel.meta["adapter_devices"] == 2 and sel.meta["versions"]["devices"] == 2
+
+
 def test_checkpoint_of_other_data_is_never_resumed(tmp_path):
     """The workdir's one rule: state made from other inputs or settings is removed with a warning naming what
     differs, and the stage starts over (the same adapters as a run in an empty workdir)."""
