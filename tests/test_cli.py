@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -170,6 +171,9 @@ def test_bad_arguments_give_a_message_and_exit_2(argv, message, folder, tiny_cli
             "EMB": str(tmp_path / "unaligned.npz"), "UNALIGNED": str(tmp_path / "unaligned.npz"),
             "EMPTY": str(tmp_path / "empty")}
     argv = [subs.get(a, a) for a in argv]
+    # JAX's backends exist in this process whatever ran before in this worker (the premise of the "already runs"
+    # case: if this were a worker's first JAX use, --cpu-devices 2 would take effect and leave the worker with 2)
+    jax.devices()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the test folder's unreadable files, where a command gets that far
         rc = main(argv + ["--quiet"])
