@@ -121,7 +121,7 @@ def test_grayscale_images_are_accepted_by_the_corruptions():
 
 
 @pytest.mark.slow
-def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_clip_folder):
+def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_clip_folder, capsys):
     """No --train-steps/--train-epochs: selection metrics only (this used to fail: the name holding the budget was
     rebound to the image source); grayscale images among the training ones; the clean oracle keeps no noisy one."""
     data = _image_set(tmp_path / "c.zip", gray_every=3)
@@ -141,11 +141,18 @@ def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_
     md = (work / "results.md").read_text()
     assert "| 30% symmetric label noise | 50% | clipsel | - |" in md
     # trained rows may join the selection-only ones (the selection is reused); then the budget is fixed
-    assert main(argv[:-12] + ["--methods", "random", "--ratios", "0.5", "--noise", "symmetric:0.3", "--seeds", "0",
-                              "--train-steps", "1", "--train-width", "4"]) == 0
+    # (on the 32x32 images shrunk to 16x16: --train-image-size is part of the budget's setting)
+    trained_argv = argv[:-12] + ["--methods", "random", "--ratios", "0.5", "--noise", "symmetric:0.3", "--seeds",
+                                 "0", "--train-steps", "1", "--train-width", "4", "--train-image-size", "16"]
+    assert main(trained_argv) == 0
     trained = [r for r in _rows(work) if r["arch"] == "small_cnn"]
     assert len(trained) == 1 and trained[0]["test_accuracy"] != "" and trained[0]["kept"] == "9"
+    assert json.loads((work / "setting.json").read_text())["train_image_size"] == 16
     assert main(argv) == 2  # a selection-only run now differs from the workdir's budget
+    assert main(trained_argv[:-1] + ["24"]) == 2  # and so does another image size
+    capsys.readouterr()
+    assert main(trained_argv[:-1] + ["4"]) == 2
+    assert "train_image_size must be >= 8, got 4" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from flax import nnx
 from clipsel_jax import parallel
 from clipsel_jax.evaluate import TrainConfig, make_model, train_classifier
 from clipsel_jax.evaluate.models import param_count
+from clipsel_jax.evaluate.train import resize_images
 
 
 def toy(n, seed):
@@ -54,6 +55,27 @@ def test_trains_only_on_the_subset_and_is_seeded():
     assert 0.35 < res.test_accuracy < 0.6  # classes 2 and 3 were never seen: about half the test set right
     again = train_classifier(x, y, 4, xt, yt, indices=only_01, config=CFG, seed=0)
     assert again.test_accuracy == res.test_accuracy and again.history == res.history
+
+
+def test_image_size_trains_on_the_resized_subset():
+    """image_size=8 on 16x16 images is the run on images shrunk beforehand (same samples, same batches, same
+    model), test images included; the box filter averages each 2x2 block (within PIL's fixed-point rounding)."""
+    x, y = toy(256, 0)
+    xt, yt = toy(200, 1)
+    small, small_test = resize_images(x, 8), resize_images(xt, 8)
+    blocks = x.reshape(256, 8, 2, 8, 2, 3).astype(np.float64).mean((2, 4))
+    assert small.shape == (256, 8, 8, 3) and np.abs(small - blocks).max() <= 1  # PIL: fixed-point rounding
+    assert resize_images(small, 8) is small and resize_images(small, 16).shape == (256, 16, 16, 3)
+    only = np.flatnonzero(y != 3)
+    cfg = TrainConfig(width=8, epochs=2, batch_size=32, lr=0.05, augment=False)
+    res = train_classifier(x, y, 4, xt, yt, indices=only, config=TrainConfig(**{**cfg.__dict__, "image_size": 8}))
+    ref = train_classifier(small, y, 4, small_test, yt, indices=only, config=cfg)
+    assert res.train_size == ref.train_size == len(only) and res.steps == ref.steps
+    assert res.history == ref.history and res.test_accuracy == ref.test_accuracy
+    assert res.config["image_size"] == 8
+    for bad in (0, 4, 8.5, True):
+        with pytest.raises(ValueError, match="image_size must be a whole number of pixels >= 8"):
+            train_classifier(x, y, 4, xt, yt, config=TrainConfig(image_size=bad))
 
 
 def test_augmented_training_on_one_device_and_tiny_subsets():

@@ -23,7 +23,7 @@ plot (results.png) are written at the end.
     clipsel bench --data ../shared/data/cifar10-jpeg.zip --workdir out/quality \\
         [--methods clipsel random moderate_ds herding k_center ccs confident_learning el2n grand forgetting full
          oracle] [--ratios 0.3 0.5 0.7] [--noise symmetric:0.2 pair:0.4 corrupt:0.2 none] [--seeds 0 1 2] \\
-        [--train-steps 300 --train-width 16 --archs small_cnn resnet18]
+        [--train-steps 300 --train-width 16 --archs small_cnn resnet18] [--train-image-size 32]
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def add_arguments(ap) -> None:
                     help="or a fixed budget of SGD steps (batch 128) for every subset, whatever its size")
     ap.add_argument("--train-width", type=count("train_width"),
                     help="width of the trained models (default: small CNN 32, ResNet-18 64; also the dynamics runs)")
+    ap.add_argument("--train-image-size", type=count("train_image_size", lo=8),
+                    help="train and test the models on images resized to N x N (e.g. 32 for Tiny-ImageNet's 64x64 "
+                         "on a CPU; also the dynamics runs); default: as stored")
     ap.add_argument("--dynamics-epochs", type=count("dynamics_epochs"), default=3,
                     help="length of the short run that scores EL2N / GraNd / Forgetting (cached per noise and seed)")
     ap.add_argument("--per-class", type=count("per_class"),
@@ -201,6 +204,7 @@ def run(args) -> int:
     setting = {"data": splits.where, "class_names": cfg.data.class_names, "encoder": cfg.encoder.name or "offline",
                "limit": args.limit, "per_class": args.per_class, "train_epochs": args.train_epochs,
                "train_steps": args.train_steps, "train_width": args.train_width,
+               "train_image_size": args.train_image_size,
                "dynamics_epochs": args.dynamics_epochs, "pair_map": args.pair_map}
     if args.config:  # its method sections drive clipsel (a key absent from earlier setting files reads as None)
         setting["config"] = args.config
@@ -209,7 +213,7 @@ def run(args) -> int:
         # Trained rows may be added to a workdir of selection-only rows (no budget yet), never mixed across budgets.
         before = json.loads(setting_file.read_text())
         untrained = not (before.get("train_epochs") or before.get("train_steps"))
-        training = {"train_epochs", "train_steps", "train_width"}
+        training = {"train_epochs", "train_steps", "train_width", "train_image_size"}
         if any(before.get(k) != setting.get(k) for k in {*before, *setting} if not (untrained and k in training)):
             raise ValueError(f"{work} holds results of another setting ({setting_file.read_text().strip()}); "
                              f"use another --workdir for {json.dumps(setting)}")
@@ -284,10 +288,12 @@ def run(args) -> int:
         from clipsel_jax.evaluate import TrainConfig, train_classifier
 
         width = "" if args.train_width is None else f"_width{args.train_width}"
+        width += "" if args.train_image_size is None else f"_size{args.train_image_size}"
         path = work / f"dynamics_{str(noise).replace(':', '')}_seed{seed}_epochs{args.dynamics_epochs}{width}.npz"
         if not path.is_file():
             r = train_classifier(data.images, data.labels, c, test[0], test[1], seed=seed, track_dynamics=True,
-                                 config=TrainConfig(epochs=args.dynamics_epochs, width=args.train_width),
+                                 config=TrainConfig(epochs=args.dynamics_epochs, width=args.train_width,
+                                                    image_size=args.train_image_size),
                                  progress=True)
             np.savez(path, **bl.dynamics_scores([r.dynamics]))
         with np.load(path) as z:
@@ -410,6 +416,7 @@ def run(args) -> int:
                     per_set.clear()
                 # A finished selection is kept, so a run killed during training does not select again.
                 dyn = f"_e{args.dynamics_epochs}w{args.train_width}" if method in DYNAMICS else ""
+                dyn += f"s{args.train_image_size}" if dyn and args.train_image_size else ""
                 cached = work / "selections" / f"{method}{dyn}_r{ratio}_{str(noise).replace(':', '')}_s{seed}.npz"
                 if cached.is_file():
                     with np.load(cached) as z:
@@ -435,7 +442,8 @@ def run(args) -> int:
 
                         r = train_classifier(data.images, labels, c, test[0], test[1], indices=idx, seed=seed,
                                              config=TrainConfig(model=arch, epochs=args.train_epochs,
-                                                                min_steps=args.train_steps, width=args.train_width))
+                                                                min_steps=args.train_steps, width=args.train_width,
+                                                                image_size=args.train_image_size))
                         row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
                     write_row(row)
     from clipsel_jax.evaluate.tables import write_plot, write_table

@@ -33,6 +33,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     augment: bool = True  # random crop (pad 4) + horizontal flip
     min_steps: int = 0  # train at least this many steps (tiny subsets: a fixed budget in steps, not epochs)
+    # Train and test at this square size (the kept and test images resized once per run; area averaging when
+    # shrinking). None: as given. Tiny-ImageNet's 64x64 at 32 makes a CPU step ~5x cheaper.
+    image_size: int | None = None
 
 
 @dataclass
@@ -46,6 +49,20 @@ class TrainResult:
     # With track_dynamics=True, per epoch (rows) and trained sample (columns, in `indices` order):
     # el2n ||softmax - onehot||, grand (last-layer gradient norm), correct (argmax == label).
     dynamics: dict | None = None
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, size, size, 3): PIL's box filter (the mean of the source pixels each target pixel
+    covers) when shrinking, bicubic when enlarging; a non-square image is stretched to the square."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    resample = Image.BOX if size < max(images.shape[1:3]) else Image.BICUBIC
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, im in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(im).resize((size, size), resample=resample))
+    return out
 
 
 def _augment(x, key):
@@ -90,6 +107,12 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, num_cla
     if len(idx) == 0:
         raise ValueError("the subset to train on is empty")
     y_all = np.asarray(train_labels, np.int64)
+    if config.image_size is not None:
+        if not isinstance(config.image_size, (int, np.integer)) or config.image_size < 8:
+            raise ValueError(f"image_size must be a whole number of pixels >= 8, got {config.image_size!r}")
+        # Only the kept rows are resized; from here on the subset is rows 0..len(idx)-1 of the resized array.
+        train_images, y_all = resize_images(train_images[idx], config.image_size), y_all[idx]
+        test_images, idx = resize_images(test_images, config.image_size), np.arange(len(idx))
     mesh = mesh or parallel.data_mesh()
     n_dev = mesh.devices.size
     batch = parallel.round_up(min(config.batch_size, parallel.round_up(len(idx), n_dev)), n_dev)
