@@ -34,7 +34,7 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 4) + horizontal flip
     min_steps: int = 0  # train at least this many steps (tiny subsets: a fixed budget in steps, not epochs)
     # Train and test at this square size (the kept and test images resized once per run; area averaging when
-    # shrinking). None: as given. Tiny-ImageNet's 64x64 at 32 makes a CPU step ~5x cheaper.
+    # shrinking). None: as given. Tiny-ImageNet's 64x64 at 32 makes a CPU step 6x cheaper (scripts/bench_train.py).
     image_size: int | None = None
 
 
