@@ -28,8 +28,10 @@ def main() -> None:
     ap.add_argument("--cpu-devices", type=int, default=1,
                     help="JAX CPU devices (default 1: what clipsel bench trains on unless given --cpu-devices)")
     args = ap.parse_args()
-    if args.steps[0] >= args.steps[1]:
-        ap.error("--steps: the second budget must be larger than the first")
+    if not 0 < args.steps[0] < args.steps[1]:
+        ap.error("--steps: two positive budgets, the second larger than the first")
+    if min(args.sizes) < 8 or args.classes < 2 or args.width < 1 or args.train < 1 or args.test < 1:
+        ap.error("--sizes must be >= 8, --classes >= 2, --width, --train and --test >= 1")
 
     from clipsel_jax import parallel
 

@@ -144,13 +144,16 @@ def test_bench_without_a_training_budget_measures_the_selections(tmp_path, tiny_
     # (on the 32x32 images shrunk to 16x16: --train-image-size is part of the budget's setting)
     trained_argv = argv[:-12] + ["--methods", "random", "--ratios", "0.5", "--noise", "symmetric:0.3", "--seeds",
                                  "0", "--train-steps", "1", "--train-width", "4", "--train-image-size", "16"]
+    capsys.readouterr()
     assert main(trained_argv) == 0
+    assert "training small_cnn" in capsys.readouterr().err  # each run shows its progress
     trained = [r for r in _rows(work) if r["arch"] == "small_cnn"]
     assert len(trained) == 1 and trained[0]["test_accuracy"] != "" and trained[0]["kept"] == "9"
     assert json.loads((work / "setting.json").read_text())["train_image_size"] == 16
     assert main(argv) == 2  # a selection-only run now differs from the workdir's budget
-    assert main(trained_argv[:-1] + ["24"]) == 2  # and so does another image size
     capsys.readouterr()
+    assert main(trained_argv[:-1] + ["24"]) == 2  # and so does another image size
+    assert "holds results of another setting" in capsys.readouterr().err
     assert main(trained_argv[:-1] + ["4"]) == 2
     assert "train_image_size must be >= 8, got 4" in capsys.readouterr().err
 

@@ -294,7 +294,7 @@ def run(args) -> int:
             r = train_classifier(data.images, data.labels, c, test[0], test[1], seed=seed, track_dynamics=True,
                                  config=TrainConfig(epochs=args.dynamics_epochs, width=args.train_width,
                                                     image_size=args.train_image_size),
-                                 progress=True)
+                                 progress=not getattr(args, "quiet", False))
             np.savez(path, **bl.dynamics_scores([r.dynamics]))
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -443,7 +443,8 @@ def run(args) -> int:
                         r = train_classifier(data.images, labels, c, test[0], test[1], indices=idx, seed=seed,
                                              config=TrainConfig(model=arch, epochs=args.train_epochs,
                                                                 min_steps=args.train_steps, width=args.train_width,
-                                                                image_size=args.train_image_size))
+                                                                image_size=args.train_image_size),
+                                             progress=not getattr(args, "quiet", False))  # runs of many minutes
                         row.update(test_accuracy=round(r.test_accuracy, 4), train_s=r.seconds)
                     write_row(row)
     from clipsel_jax.evaluate.tables import write_plot, write_table
