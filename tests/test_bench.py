@@ -14,7 +14,7 @@ from PIL import Image
 from clipsel_jax.cli import main
 from clipsel_jax.config import DataConfig
 from clipsel_jax.data.noise import NoiseSetting, corrupt_images
-from clipsel_jax.evaluate.benchmark import FIELDS, detection_auc
+from clipsel_jax.evaluate.benchmark import FIELDS, detection_auc, read_cached, write_cached
 from clipsel_jax.evaluate.splits import find_splits, open_splits
 
 
@@ -192,6 +192,68 @@ def test_bench_trains_the_adapters_of_a_label_set_once(tmp_path, tiny_clip_folde
     assert len(rows) == 6
     for r in rows:
         assert float(r["select_s"]) >= round(trained + refit, 2), r
+
+
+def test_cached_arrays_are_checked_and_never_unpickled(tmp_path, capsys):
+    """The bench's caches (probe predictions, training dynamics) sit in a workdir that others may write: a file is
+    used only if it holds exactly the arrays expected; anything else is reported and computed again."""
+    path = tmp_path / "c.npz"
+    expect = {"probs": ((4, 3), "f"), "labels": ((4,), "iu")}
+    assert read_cached(path, expect) is None  # absent: nothing said
+    assert capsys.readouterr().err == ""
+    probs, labels = np.full((4, 3), 1 / 3), np.arange(4) % 3
+    write_cached(path, probs=probs, labels=labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]  # written under another name, then renamed
+    z = read_cached(path, expect)
+    assert np.array_equal(z["probs"], probs) and np.array_equal(z["labels"], labels)
+    for arrays, why in [(dict(probs=probs[:3], labels=labels), "wrong shape"),
+                        (dict(probs=np.where(probs > 0, np.nan, 0), labels=labels), "non-finite"),
+                        (dict(probs=probs.astype(str), labels=labels), "wrong shape, type"),
+                        (dict(probs=probs), "unreadable"),  # a key missing
+                        (dict(probs=np.array([{"x": 1}] * 12, object).reshape(4, 3), labels=labels), "unreadable")]:
+        np.savez(path, **arrays)  # the last one pickles an object array: refused, never loaded
+        assert read_cached(path, expect) is None
+        assert why in capsys.readouterr().err
+    path.write_bytes(b"PK\x03\x04 truncated")
+    assert read_cached(path, expect) is None and "not a usable cache" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_computes_the_probe_of_a_label_set_once(tmp_path, tiny_clip_folder, capsys):
+    """Confident learning's probe predictions are cached per label set (WORKDIR/probe/): a rerun with another
+    ratio reuses them and makes the same selection as a fresh probe; every row is charged the probe's seconds; a
+    cache of another label set or a tampered one is computed again."""
+    pytest.importorskip("cleanlab")
+    data = _image_set(tmp_path / "c.zip", per_class=10)
+    work = tmp_path / "bench"
+    argv = ["bench", "--data", str(data), "--workdir", str(work), "--encoder", str(tiny_clip_folder),
+            "--methods", "confident_learning", "--ratios", "0.5", "--noise", "symmetric:0.3", "--seeds", "0"]
+    assert main(argv) == 0
+    path = work / "probe" / "symmetric0.3_seed0" / "probs.npz"
+    with np.load(path) as z:
+        seconds, probs, labels = float(z["seconds"]), z["probs"], z["labels"]
+    assert probs.shape == (30, 3) and np.allclose(probs.sum(1), 1) and seconds > 0
+    made = path.stat().st_mtime_ns
+    assert main(argv[:-5] + ["0.3", "0.7"] + argv[-4:]) == 0  # the same label set: the cache, not a new probe
+    assert path.stat().st_mtime_ns == made
+    rows = _rows(work)
+    assert len(rows) == 3 and all(float(r["select_s"]) >= round(seconds, 2) for r in rows)
+    # the cached probe gives the selection a fresh probe gives (a new workdir)
+    fresh = tmp_path / "fresh"
+    assert main(argv[:4] + [str(fresh)] + argv[5:-5] + ["0.7"] + argv[-4:]) == 0
+    assert [r["kept"] for r in _rows(fresh)] == [r["kept"] for r in rows if r["ratio"] == "0.7"]
+    assert _rows(fresh)[0]["noisy_kept_frac"] == [r for r in rows if r["ratio"] == "0.7"][0]["noisy_kept_frac"]
+    # another label set's probe, then a pickled file: each is reported and computed again
+    write_cached(path, probs=probs, labels=(labels + 1) % 3, seconds=np.float64(seconds))
+    capsys.readouterr()
+    assert main(argv[:-5] + ["0.4"] + argv[-4:]) == 0
+    assert "another label set" in capsys.readouterr().err
+    with np.load(path) as z:
+        assert np.array_equal(z["labels"], labels)
+    np.savez(path, probs=np.array([None] * 90, object).reshape(30, 3), labels=labels, seconds=seconds)
+    assert main(argv[:-5] + ["0.6"] + argv[-4:]) == 0
+    assert "not a usable cache" in capsys.readouterr().err
+    assert len(_rows(work)) == 5
 
 
 @pytest.mark.slow

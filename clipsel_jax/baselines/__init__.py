@@ -182,7 +182,9 @@ def confident_learning(features, labels, num_classes: int, ratio: float, seed: i
         raise ImportError("the confident-learning baseline needs cleanlab: pip install 'clipsel_jax[bench]'") from e
     y, _, _ = _setup(labels, num_classes, ratio)
     probs = probe_predictions(features, y, num_classes, seed=seed) if pred_probs is None else pred_probs
-    issues = find_label_issues(y, probs)
+    # In this process (n_jobs=1): cleanlab's default forks workers, and forking a process that runs JAX's threads
+    # can deadlock (Python warns of it); the per-class pruning is cheap beside the probe.
+    issues = find_label_issues(y, probs, n_jobs=1)
     return random_subset(y, num_classes, ratio, seed, candidates=np.flatnonzero(~issues))
 
 

@@ -15,7 +15,9 @@ kept fractions' spread; the selection's seconds; and with a training budget, the
 random subset of the truly clean samples with the same class quotas: a perfect noise filter).
 
 The training images are embedded once with the encoder (cached in --workdir, resumable); label noise changes only
-the labels; corrupted images are embedded once per fraction and seed (only they: cached under corrupt/). Each
+the labels; corrupted images are embedded once per fraction and seed (only they: cached under corrupt/); the
+adapters (adapters/), confident learning's probe (probe/) and the training dynamics are computed once per label set
+and cached (a probe or dynamics file is read back only if it holds exactly the arrays this run expects). Each
 finished row is appended to results.csv at once (never twice, when several workers share the workdir), each
 finished selection is kept under selections/, and a rerun skips what is there. A markdown table (results.md) and a
 plot (results.png) are written at the end.
@@ -31,8 +33,10 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +122,36 @@ def add_arguments(ap) -> None:
                     help="only the first N training images of each class (a smaller, still balanced grid)")
     ap.add_argument("--limit", type=count("limit"), help="first N training images (class-sorted folders: use with "
                                                          "care; --per-class keeps every class)")
+
+
+def read_cached(path: Path, expect: dict) -> dict | None:
+    """The arrays of a cache file the bench wrote (np.savez), if it holds exactly what this run needs, else None
+    (with the reason on stderr, and the caller computes them again). expect: name -> (shape, dtype kind), a shape of
+    None for any; a `labels` entry is also compared by value by the caller. Never unpickles (allow_pickle=False):
+    a cache in a shared workdir is a file from someone else."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in expect}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, not an npz, a pickled object, a key missing
+        reason = f"unreadable: {e}"
+    else:
+        bad = [k for k, (shape, kind) in expect.items()
+               if (shape is not None and out[k].shape != shape) or out[k].dtype.kind not in kind
+               or (out[k].dtype.kind == "f" and not np.isfinite(out[k]).all())]
+        if not bad:
+            return out
+        reason = "wrong shape, type or non-finite values in " + ", ".join(bad)
+    print(f"bench: {path} is not a usable cache ({reason}); computing it again", file=sys.stderr)
+    return None
+
+
+def write_cached(path: Path, **arrays) -> None:
+    """np.savez to a temporary name, then renamed: a kill leaves the old file or none, never half of one."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -290,14 +324,39 @@ def run(args) -> int:
         width = "" if args.train_width is None else f"_width{args.train_width}"
         width += "" if args.train_image_size is None else f"_size{args.train_image_size}"
         path = work / f"dynamics_{str(noise).replace(':', '')}_seed{seed}_epochs{args.dynamics_epochs}{width}.npz"
-        if not path.is_file():
+        n = (len(data.labels),)
+        scores = read_cached(path, {k: (n, "f") for k in ("el2n", "grand", "forgetting")})
+        if scores is None:
             r = train_classifier(data.images, data.labels, c, test[0], test[1], seed=seed, track_dynamics=True,
                                  config=TrainConfig(epochs=args.dynamics_epochs, width=args.train_width,
                                                     image_size=args.train_image_size),
                                  progress=not getattr(args, "quiet", False))
-            np.savez(path, **bl.dynamics_scores([r.dynamics]))
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            scores = bl.dynamics_scores([r.dynamics])
+            write_cached(path, **scores)
+        return scores
+
+    def probe(data: Noisy, noise, seed):
+        """Confident learning's out-of-fold probe predictions of this label set and the seconds they took, computed
+        once and cached under WORKDIR/probe/ for every ratio, rerun and worker (the 5-fold probe over Tiny-ImageNet's
+        200 classes takes 7-10 min here). The cache is used only if it was made from exactly these labels."""
+        from clipsel_jax import baselines as bl
+
+        where = work / "probe" / f"{str(noise).replace(':', '')}_seed{seed}"
+        path = where / "probs.npz"
+        with hold_workdir(where, wait=True):  # another worker computing the same probe: wait, reuse
+            z = read_cached(path, {"probs": ((len(data.labels), c), "f"), "labels": (data.labels.shape, "iu"),
+                                   "seconds": ((), "f")})
+            if z is not None and np.array_equal(z["labels"], data.labels) and z["seconds"] >= 0 \
+                    and z["probs"].min() >= 0 and z["probs"].max() <= 1:
+                return z["probs"], float(z["seconds"])
+            if z is not None:
+                print(f"bench: {path} holds the probe of another label set or invalid probabilities; computing "
+                      "it again", file=sys.stderr)
+            t = time.perf_counter()
+            probs = bl.probe_predictions(data.image_emb, data.labels, c, seed=seed)
+            seconds = time.perf_counter() - t
+            write_cached(path, probs=probs, labels=data.labels, seconds=np.float64(seconds))
+            return probs, seconds
 
     per_set: dict = {}  # SAS and probe predictions of the current noisy set, shared by the ratios
 
@@ -376,7 +435,9 @@ def run(args) -> int:
             idx = bl.hardest(score, ratio, seed)
         elif method == "confident_learning":  # one cross-validated probe per label set, all ratios
             if "probs" not in st:
-                st["probs"] = bl.probe_predictions(x, labels, c, seed=seed)
+                t = time.perf_counter()
+                st["probs"], st["probe_s"] = probe(data, noise, seed)
+                t0 += time.perf_counter() - t  # charged below as the probe took when it was computed
             idx = bl.confident_learning(x, labels, c, ratio, seed, pred_probs=st["probs"])
             score = st["probs"][np.arange(len(labels)), labels]  # self-confidence
         elif method == "moderate_ds":
@@ -387,6 +448,8 @@ def run(args) -> int:
         seconds = time.perf_counter() - t0
         if method in ("clipsel", "clipsel_paper", "ccs") and "adapt_s" in st:
             seconds += st["adapt_s"] - st.pop("adapt_here_s", 0.0)  # the adapters' training, once per row
+        if method == "confident_learning":
+            seconds += st["probe_s"]  # every ratio's row: the probe is part of one whole selection
         return np.asarray(idx), seconds, score
 
     def write_row(row) -> None:
