@@ -260,12 +260,12 @@ def _stream_pipeline(rows: np.ndarray, source, preprocessing, local_batch: int, 
 # The cache
 
 
-def _savez(path: Path, **arrays) -> None:
+def savez_file(path: Path, **arrays) -> None:
     with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the temporary name
         np.savez(f, **arrays)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Write through a temporary file and rename: a reader (or a resumed run) never sees half a file."""
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # processes may share the dir
     write(tmp)
@@ -312,12 +312,12 @@ class EmbeddingCache:
     def put(self, j: int, ids, labels, emb, reasons) -> None:
         path = self.chunk_path(j)
         ok = np.array([not r for r in reasons], bool)
-        _write_atomic(path, lambda t: _savez(t, ids=ids, labels=labels, emb=emb, ok=ok,
+        write_atomic(path, lambda t: savez_file(t, ids=ids, labels=labels, emb=emb, ok=ok,
                                              reasons=np.array(reasons, dtype=str)))
         self.chunks[j] = {"file": path.name, "sha256": file_sha256(path), "rows": int(len(ids)),
                           "unreadable": int((~ok).sum())}
         manifest = {"identity": self.identity, "chunks": {str(k): v for k, v in sorted(self.chunks.items())}}
-        _write_atomic(self.manifest_path, lambda t: Path(t).write_text(json.dumps(manifest, indent=1)))
+        write_atomic(self.manifest_path, lambda t: Path(t).write_text(json.dumps(manifest, indent=1)))
 
     def get(self, j: int) -> dict:
         with np.load(self.chunk_path(j), allow_pickle=False) as z:
@@ -410,7 +410,7 @@ def embed(source, encoder, workdir=None, prompts=DEFAULT_TEMPLATE, *, batch_size
     unreadable = [{"id": int(source.ids[i]), "path": source.describe(int(i)), "reason": str(reasons[i])}
                   for i in np.flatnonzero(~ok)]
     if cache is not None:
-        _write_atomic(cache.dir / "unreadable.json", lambda t: Path(t).write_text(json.dumps(unreadable, indent=1)))
+        write_atomic(cache.dir / "unreadable.json", lambda t: Path(t).write_text(json.dumps(unreadable, indent=1)))
     if unreadable:
         warnings.warn(f"{len(unreadable)} of {n} images could not be read and are excluded (listed in the result's "
                       f"`unreadable`{' and ' + str(cache.dir / 'unreadable.json') if cache else ''}; first: "
@@ -482,5 +482,5 @@ def _text(encoder, class_names, prompts, cache):
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
     text_emb, prompt_list = class_text_embeddings(encoder, class_names, templates)
-    _write_atomic(path, lambda t: _savez(t, text_emb=text_emb, prompts=np.array(prompt_list)))
+    write_atomic(path, lambda t: savez_file(t, text_emb=text_emb, prompts=np.array(prompt_list)))
     return text_emb, prompt_list

@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
-import os
 import sys
 import time
 import zipfile
@@ -148,10 +147,11 @@ def read_cached(path: Path, expect: dict) -> dict | None:
 
 
 def write_cached(path: Path, **arrays) -> None:
-    """np.savez to a temporary name, then renamed: a kill leaves the old file or none, never half of one."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez through a temporary file and a rename (the embedding cache's writer): a kill leaves the old file or
+    none, never half of one."""
+    from clipsel_jax.embedding import savez_file, write_atomic
+
+    write_atomic(path, lambda tmp: savez_file(tmp, **arrays))
 
 
 @dataclass
