@@ -133,7 +133,8 @@ def read_cached(path: Path, expect: dict) -> dict | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in expect}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, not an npz, a pickled object, a key missing
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # truncated, not an npz, a pickled object (refused by allow_pickle=False), a key missing
         reason = f"unreadable: {e}"
     else:
         bad = [k for k, (shape, kind) in expect.items()
