@@ -206,9 +206,10 @@ def test_cached_arrays_are_checked_and_never_unpickled(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]  # written under another name, then renamed
     z = read_cached(path, expect)
     assert np.array_equal(z["probs"], probs) and np.array_equal(z["labels"], labels)
-    for arrays, why in [(dict(probs=probs[:3], labels=labels), "wrong shape"),
-                        (dict(probs=np.where(probs > 0, np.nan, 0), labels=labels), "non-finite"),
-                        (dict(probs=probs.astype(str), labels=labels), "wrong shape, type"),
+    for arrays, why in [(dict(probs=probs[:3], labels=labels), "probs of shape (3, 3), expected (4, 3)"),
+                        (dict(probs=np.where(probs > 0, np.nan, 0), labels=labels), "probs holds non-finite values"),
+                        (dict(probs=probs.astype(str), labels=labels), "probs of type <U"),
+                        (dict(probs=probs, labels=labels.astype(np.float64)), "labels of type float64"),
                         (dict(probs=probs), "unreadable"),  # a key missing
                         (dict(probs=np.array([{"x": 1}] * 12, object).reshape(4, 3), labels=labels), "unreadable")]:
         np.savez(path, **arrays)  # the last one pickles an object array: refused, never loaded

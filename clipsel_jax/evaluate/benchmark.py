@@ -137,12 +137,18 @@ def read_cached(path: Path, expect: dict) -> dict | None:
         # truncated, not an npz, a pickled object (refused by allow_pickle=False), a key missing
         reason = f"unreadable: {e}"
     else:
-        bad = [k for k, (shape, kind) in expect.items()
-               if (shape is not None and out[k].shape != shape) or out[k].dtype.kind not in kind
-               or (out[k].dtype.kind == "f" and not np.isfinite(out[k]).all())]
+        bad = []
+        for k, (shape, kind) in expect.items():
+            a = out[k]
+            if a.dtype.kind not in kind:
+                bad.append(f"{k} of type {a.dtype}, expected kind {kind!r}")
+            elif shape is not None and a.shape != shape:
+                bad.append(f"{k} of shape {a.shape}, expected {shape}")
+            elif a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad.append(f"{k} holds non-finite values")
         if not bad:
             return out
-        reason = "wrong shape, type or non-finite values in " + ", ".join(bad)
+        reason = "; ".join(bad)
     print(f"bench: {path} is not a usable cache ({reason}); computing it again", file=sys.stderr)
     return None
 
