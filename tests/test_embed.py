@@ -151,7 +151,7 @@ z = np.load({str(tmp_path / "data.npz")!r})
 src = cs.data.from_arrays(z["images"], z["labels"], ["cat", "dog", "car"])
 slow = src.read_example
 def read_example(i):
-    time.sleep(0.05)  # slow enough to be killed mid-way
+    time.sleep(0.2)  # slow enough to be killed mid-way (1.6 s a chunk: the poll below may stall under load)
     return slow(i)
 src.read_example = read_example
 enc = cs.load_encoder({str(np_clip_folder_factory())!r}, batch_size=8)
